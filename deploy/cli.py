@@ -1,0 +1,48 @@
+"""The ``diffgraph`` command line. Each package contributes its commands through ``register(app)``."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="diffgraph",
+    help="DiffGraph: merge online text-to-image experts on demand.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Order decides the order of commands in --help.
+_COMMAND_MODULES = (
+    "deploy.commands",
+    "graphdb.cli",
+    "crawler.cli",
+    "calibration.cli",
+    "planner.cli",
+    "merger.cli",
+    "deploy.generate_cli",
+)
+
+
+def _register_all() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that package has no CLI yet
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: isolated settings per test, a throw-away PostgreSQL database, the real embedder."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from core.settings import Settings, get_settings  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PG_ADMIN_URL = os.environ.get("DIFFGRAPH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("DIFFGRAPH_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings rooted in a temp data dir, also visible to ``get_settings()`` and the CLI via env."""
+    for key in list(os.environ):
+        if key.startswith("DIFFGRAPH_") and not key.startswith("DIFFGRAPH_TEST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("DIFFGRAPH_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("DIFFGRAPH_CONFIG", str(tmp_path / "none.toml"))
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    import psycopg
+
+    name = f"diffgraph_test_{uuid.uuid4().hex[:10]}"
+    admin = PG_ADMIN_URL
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:  # CI starts PostgreSQL; a missing server is a failure
+        pytest.fail(f"PostgreSQL not reachable at {admin}: {exc}")
+    with conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    from core.records import _engines
+
+    for url, engine in list(_engines.items()):
+        if name in url:
+            engine.dispose()
+            _engines.pop(url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real offline all-MiniLM-L6-v2 (loaded once per session)."""
+    from core.embeddings import get_embedder
+
+    return get_embedder(Settings())
