@@ -1,0 +1,48 @@
+"""Enqueue Celery tasks by name without importing the task code (imports only point downstream).
+
+When no broker is configured (the embedded demo) ``send`` is a no-op that returns ``None``; callers that
+need the work done in-process call the task function directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Task names and their queues: the contract between producers and the workers in deploy/.
+TASK_QUEUES = {
+    "crawler.ingest": "ingest",
+    "calibration.calibrate_expert": "calibrate",
+    "calibration.sweep_uncalibrated": "calibrate",
+    "planner.retrain": "calibrate",
+    "deploy.generate": "generate",
+}
+
+
+@lru_cache(maxsize=4)
+def _client(broker_url: str, result_url: str) -> Any:
+    from celery import Celery
+
+    app = Celery("diffgraph-client", broker=broker_url, backend=result_url or None)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    return app
+
+
+def send(settings: Settings, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+         task_id: str | None = None) -> str | None:
+    """Send task ``name`` to its queue; returns the task id, or ``None`` when Celery is not configured."""
+    if not settings.celery_enabled:
+        log.debug("celery not configured; %s%r not enqueued", name, args)
+        return None
+    queue = TASK_QUEUES.get(name)
+    if queue is None:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_QUEUES)}")
+    result = _client(settings.broker_url, settings.result_url).send_task(
+        name, args=list(args), kwargs=kwargs or {}, queue=queue, task_id=task_id
+    )
+    return str(result.id)
