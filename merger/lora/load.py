@@ -1,0 +1,37 @@
+"""Reading a LoRA file (the only I/O of this package): safe loading, then the pure normaliser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merger.errors import MergeError
+from merger.lora.deltas import LoraDeltas
+from merger.lora.formats import normalize_lora
+from merger.safe_load import open_weights
+
+
+def load_lora(path: Path | str, allow_pickle: bool = False, name: str | None = None) -> LoraDeltas:
+    """Load a LoRA in any supported layout as per-module deltas in diffusers naming.
+
+    Args:
+        path (`Path`): a ``.safetensors`` LoRA (a pickle only with ``allow_pickle``).
+        allow_pickle (`bool`, *optional*, defaults to `False`): permit ``torch.load(weights_only=True)``.
+        name (`str`, *optional*): how errors name the expert (default: the file name).
+
+    Raises:
+        MergeError: missing file. UnsafeFormat: pickle refused. CorruptWeights: truncated/malformed file.
+        UnsupportedLora: unknown layout or keys that cannot be applied.
+
+    Example:
+        >>> deltas = load_lora("pytorch_lora_weights.safetensors")
+        >>> deltas.format, len(deltas)
+        ('diffusers', 128)
+    """
+    path = Path(path)
+    label = name or path.name
+    if not path.is_file():
+        raise MergeError(f"{label}: LoRA file not found: {path}")
+    with open_weights(path, allow_pickle=allow_pickle) as wf:
+        state_dict = {key: wf.get(key) for key in wf.keys()}
+        metadata = dict(wf.metadata)
+    return normalize_lora(state_dict, metadata, label)
