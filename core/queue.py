@@ -29,7 +29,15 @@ def _client(broker_url: str, result_url: str) -> Any:
     from celery import Celery
 
     app = Celery("diffgraph-client", broker=broker_url, backend=result_url or None)
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # ride out a broker restart while submitting instead of failing the caller
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 10, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0},
+        broker_connection_retry_on_startup=True,
+    )
     return app
 
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # celery; empty broker = tasks run in-process (embedded demo only)
     broker_url: str = ""
     result_url: str = ""
+    # An unacknowledged task is redelivered after this long; must exceed the longest task (hard limit 3900 s).
+    visibility_timeout_s: int = Field(default=4 * 3600, ge=1)
 
     # sources
     civitai_api_url: str = "https://civitai.com/api/v1"

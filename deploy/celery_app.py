@@ -1,12 +1,42 @@
-"""The Celery app, built from settings: queues, routing, reliability options and the beat schedule.
+"""The Celery app, built from settings: queues, routing, reliability options, retry policy and beat.
 
 Workers start with ``diffgraph worker`` (or ``celery -A deploy.celery_app worker``). Task code lives in
 each package's ``tasks`` module and is registered with ``@shared_task(name=...)``.
+
+Delivery guarantees (what makes "no task is lost, no task is recorded twice" hold):
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after its task
+  returned. A worker killed mid-task (SIGKILL, OOM, machine lost) never acknowledges it, so the broker
+  redelivers it. Tasks are therefore idempotent: generation records and ``:Generation`` nodes are keyed
+  by the task id, and a redelivered task that finds a finished record returns it without redoing work.
+* ``worker_prefetch_multiplier=1``: a worker reserves one message per process, so a dead worker strands
+  at most the task it was running (and GPU tasks are not hoarded by one machine).
+* Redis transport ``visibility_timeout`` (``broker_transport_options``): an unacknowledged message is
+  put back on its queue once it has been reserved this long; it must exceed the longest task (the hard
+  time limit), otherwise a healthy long task would be redelivered while still running. Override it with
+  ``DIFFGRAPH_VISIBILITY_TIMEOUT_S`` (tests use a few seconds to observe the redelivery of a killed
+  worker's task). ``unacked_restore_interval``/``unacked_restore_throttle`` decide how often workers
+  sweep for such messages.
+* ``worker_cancel_long_running_tasks_on_connection_loss=True``: when the broker connection drops, a
+  running late-ack task's message will be redelivered anyway, so the worker cancels the task instead of
+  letting two copies run.
+* Publishing retries (``task_publish_retry``) and unlimited broker reconnects
+  (``broker_connection_max_retries=None``) ride out a broker restart on both sides.
+* **The broker itself must be persistent.** Queued and unacknowledged messages live in Redis keys; a
+  Redis without persistence loses them on restart. Run Redis with AOF: ``--appendonly yes
+  --appendfsync always`` (or ``everysec``, trading at most one second of accepted messages for speed).
+  ``deploy/compose.yaml`` does this; the tests restart an AOF Redis and check no task is lost.
+
+Retries: only transient errors are retried (``is_transient``: graph lock/unavailable, broker, result
+backend and SQL connection errors), with capped exponential backoff and jitter (``retry_countdown``);
+user errors (``DiffGraphError``: bad input, unknown expert, corrupt or incompatible weights) fail at once.
 """
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -17,11 +47,86 @@ from core.settings import Settings, get_settings
 TASK_MODULES = ("crawler.tasks", "calibration.tasks", "planner.tasks", "deploy.tasks")
 QUEUES = ("ingest", "calibrate", "generate")
 
+DEFAULT_VISIBILITY_TIMEOUT_S: int = Settings.model_fields["visibility_timeout_s"].default
+SOFT_TIME_LIMIT_S = 3600
+HARD_TIME_LIMIT_S = 3900
+MAX_RETRIES = 5
+RETRY_BASE_S = 2.0
+RETRY_CAP_S = 120.0
+
 
 def _task_modules() -> list[str]:
     import importlib.util
 
     return [m for m in TASK_MODULES if importlib.util.find_spec(m) is not None]
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """The broker's visibility timeout (``DIFFGRAPH_VISIBILITY_TIMEOUT_S``, default 4 hours)."""
+    return settings.visibility_timeout_s
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options: redelivery of unacknowledged messages and robust connections."""
+    vt = visibility_timeout_s(settings)
+    # Sweep for expired reservations often enough that a short timeout is honoured promptly.
+    restore_every = max(1, min(10, vt // 5))
+    return {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": restore_every,
+        "unacked_restore_throttle": 1 if vt < 600 else 10,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 10,
+    }
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: the graph busy or unreachable, a broker/backend/SQL connection
+    error. Errors of the request itself (``DiffGraphError`` other than graph unavailability) are not."""
+    from core.types import DiffGraphError
+    from graphdb.store import GraphUnavailable
+
+    if isinstance(exc, GraphUnavailable):
+        return True
+    if isinstance(exc, DiffGraphError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, RuntimeError) and "could not set lock" in str(exc).lower():
+        return True  # the embedded graph is held by another process
+    transient: list[type[BaseException]] = []
+    try:
+        from kombu.exceptions import OperationalError as KombuOperationalError
+
+        transient.append(KombuOperationalError)
+    except ImportError:  # pragma: no cover - kombu ships with celery
+        pass
+    try:
+        import redis.exceptions as redis_exc
+
+        transient += [redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.BusyLoadingError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import sqlalchemy.exc as sa_exc
+
+        transient += [sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import neo4j.exceptions as neo_exc
+
+        transient += [neo_exc.ServiceUnavailable, neo_exc.SessionExpired, neo_exc.TransientError]
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, tuple(transient))
+
+
+def retry_countdown(retries: int, base: float = RETRY_BASE_S, cap: float = RETRY_CAP_S) -> float:
+    """Seconds before retry number ``retries + 1``: capped exponential backoff with full jitter."""
+    ceiling = min(cap, base * (2 ** max(0, retries)))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -40,13 +145,21 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_track_started=True,
-        task_soft_time_limit=3600,
-        task_time_limit=3900,
+        task_soft_time_limit=SOFT_TIME_LIMIT_S,
+        task_time_limit=HARD_TIME_LIMIT_S,
         result_expires=7 * 24 * 3600,
         result_extended=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 4 * 3600},
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 20, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 3.0},
+        broker_transport_options=broker_transport_options(settings),
+        result_backend_transport_options={"retry_policy": {"max_retries": 20, "interval_start": 0.2,
+                                                           "interval_step": 0.5, "interval_max": 3.0}},
         task_always_eager=not settings.celery_enabled,
         beat_schedule={
             "ingest-civitai": {

@@ -1,0 +1,435 @@
+"""One generation job, end to end and exactly once: validate, plan, resolve weights, merge and sample,
+store images, and write the SQL ``GenerationJob`` row and the graph's ``:Generation`` node.
+
+The job is keyed by its id (the Celery task id). A redelivered job finds its row: a finished job
+returns the stored result without regenerating; an unfinished one redoes the work and overwrites
+the same row, the same image files and the same graph node. Bad input fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.settings import Settings
+from core.types import (
+    DiffGraphError,
+    Expert,
+    GenerationStatus,
+    MergePlan,
+    NotFoundError,
+    ValidationFailed,
+    utcnow,
+)
+from deploy.storage import get_storage
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 10_000
+MAX_STEPS = 200
+MAX_SIZE = 2048
+MAX_IMAGES = 8
+MAX_ERROR_CHARS = 4000
+
+Progress = Callable[[str, int, int], None]
+
+
+class GenerateOptions(BaseModel):
+    """What a caller may set for one generation; ``None`` means the settings default (``gen_*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    width: int | None = Field(default=None, ge=8, le=MAX_SIZE)
+    height: int | None = Field(default=None, ge=8, le=MAX_SIZE)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    method: Literal["vgae", "fixed", "similarity", "direct"] = "vgae"
+    plan: MergePlan | None = None  # an explicit plan skips the planner
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    def resolved(self, settings: Settings) -> dict[str, Any]:
+        """The concrete parameters (defaults filled from settings), as stored on the job row."""
+        return {
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "steps": self.steps if self.steps is not None else settings.gen_steps,
+            "guidance": self.guidance if self.guidance is not None else settings.gen_guidance,
+            "width": self.width if self.width is not None else settings.gen_size,
+            "height": self.height if self.height is not None else settings.gen_size,
+            "num_images": self.num_images,
+            "method": "explicit" if self.plan is not None else self.method,
+        }
+
+
+def validate_request(prompt: Any, options: GenerateOptions | dict[str, Any] | None) -> GenerateOptions:
+    """Check the prompt and options; raises ``ValidationFailed`` with every problem on one line."""
+    if not isinstance(prompt, str):
+        raise ValidationFailed(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValidationFailed("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValidationFailed(f"prompt is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
+    if isinstance(options, GenerateOptions):
+        return options
+    if options is not None and not isinstance(options, dict):
+        raise ValidationFailed(f"options must be an object, got {type(options).__name__}")
+    try:
+        return GenerateOptions.model_validate(options or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValidationFailed(f"invalid generation options: {problems}") from None
+
+
+def _check_explicit_plan(settings: Settings, plan: MergePlan) -> dict[str, Expert]:
+    """An explicit plan may only name registered experts and a configured base (no arbitrary paths);
+    returns the named experts."""
+    if plan.base_model and plan.base_model not in settings.base_models.values():
+        raise ValidationFailed(
+            f"plan.base_model {plan.base_model!r} is not a configured base model; leave it empty to use "
+            f"the base of family {plan.base_family!r}"
+        )
+    if not plan.experts:
+        return {}
+    from graphdb.store import store_session
+
+    found: dict[str, Expert] = {}
+    missing: list[str] = []
+    with store_session(settings) as store:
+        for pe in plan.experts:
+            try:
+                found[pe.expert_id] = store.get_expert(pe.expert_id)
+            except NotFoundError:
+                missing.append(pe.expert_id)
+    if missing:
+        raise NotFoundError(f"unknown expert id(s) in plan: {', '.join(missing)}")
+    return found
+
+
+# -- SQL record ---------------------------------------------------------------------------------------
+
+
+def _result_from_row(row: Any) -> dict[str, Any]:
+    return {
+        "task_id": row.id,
+        "status": row.status,
+        "prompt": row.prompt,
+        "plan": row.plan,
+        "image_paths": list(row.image_paths or []),
+        "timings": dict(row.timings or {}),
+    }
+
+
+def finished_result(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """The stored result of job ``job_id`` if it already succeeded, else ``None``."""
+    from core.records import GenerationJob, session_scope
+
+    with session_scope(settings) as s:
+        row = s.get(GenerationJob, job_id)
+        if row is not None and row.status == GenerationStatus.success.value:
+            return _result_from_row(row)
+    return None
+
+
+def _claim(settings: Settings, job_id: str, prompt: str, params: dict[str, Any], worker: str | None) -> None:
+    """Create the job's row, or reset the existing one (a redelivery) to STARTED; never a second row."""
+    from sqlalchemy.exc import IntegrityError
+
+    from core.records import GenerationJob, session_scope
+
+    for _ in range(3):
+        try:
+            with session_scope(settings) as s:
+                row = s.get(GenerationJob, job_id)
+                if row is None:
+                    row = GenerationJob(id=job_id, attempts=0)
+                    s.add(row)
+                row.prompt = prompt
+                row.params = params
+                row.status = GenerationStatus.started.value
+                row.stage = "queued"
+                row.error = None
+                row.finished_at = None
+                row.attempts = (row.attempts or 0) + 1
+                row.worker = worker
+            return
+        except IntegrityError:  # another delivery of the same job inserted it first: update instead
+            continue
+    raise DiffGraphError(f"cannot claim generation record {job_id}")
+
+
+def _update(settings: Settings, job_id: str, *, keep_success: bool = False, **fields: Any) -> None:
+    from core.records import GenerationJob, session_scope
+
+    with session_scope(settings) as s:
+        row = s.get(GenerationJob, job_id)
+        if row is None:
+            raise NotFoundError(f"generation record {job_id} vanished")
+        if keep_success and row.status == GenerationStatus.success.value:
+            return  # a concurrent delivery of the same job already finished it
+        for key, value in fields.items():
+            setattr(row, key, value)
+
+
+def _mark_failed(settings: Settings, job_id: str, error: str, timings: dict[str, float]) -> bool:
+    """Mark the row FAILURE unless a concurrent delivery of the same job already succeeded."""
+    from core.records import GenerationJob, session_scope
+
+    with session_scope(settings) as s:
+        row = s.get(GenerationJob, job_id, with_for_update=True)
+        if row is None or row.status == GenerationStatus.success.value:
+            return False
+        row.status = GenerationStatus.failure.value
+        row.error = error
+        row.timings = timings
+        row.finished_at = utcnow()
+    return True
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 4)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, DiffGraphError) else f"{type(exc).__name__}: {exc}"
+    return (text.strip() or type(exc).__name__)[:MAX_ERROR_CHARS]
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------
+
+_generators: dict[str, Any] = {}
+
+
+def _generator(settings: Settings) -> Any:
+    """One ``Generator`` per configuration per process, so its pipeline cache survives across jobs."""
+    from merger.generate import Generator
+
+    key = settings.model_dump_json()
+    if key not in _generators:
+        _generators.clear()
+        _generators[key] = Generator(settings)
+    return _generators[key]
+
+
+def _plan(settings: Settings, prompt: str, opts: GenerateOptions) -> MergePlan:
+    if opts.plan is not None:
+        plan = opts.plan.model_copy(deep=True)
+        plan.method = "explicit"
+        plan.prompt = plan.prompt or prompt
+        return plan
+    from planner import make_plan
+
+    return make_plan(settings, prompt, opts.method, opts.seed)
+
+
+def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Expert]) -> None:
+    """Point each planned expert at a local, verified weight file (never a caller-supplied path)."""
+    if not plan.experts:
+        return
+    from crawler.downloads import ensure_local
+    from graphdb.store import store_session
+
+    experts = dict(known)
+    if any(pe.expert_id not in experts for pe in plan.experts):
+        with store_session(settings) as store:  # short: the embedded graph admits one process at a time
+            experts.update({pe.expert_id: store.get_expert(pe.expert_id) for pe in plan.experts})
+    for pe in plan.experts:
+        path = ensure_local(settings, experts[pe.expert_id])
+        pe.path = str(path)
+        pe.sha256 = pe.sha256 or (experts[pe.expert_id].primary_file.sha256
+                                  if experts[pe.expert_id].primary_file else None)
+
+
+def _sampler_prompt(prompt: str) -> str:
+    """The prompt as the sampler takes it: its text encoder reads at most 77 tokens, and the merger
+    bounds prompts more tightly than the 10,000 characters a job may carry, so longer text is cut."""
+    from merger.generate import MAX_PROMPT_CHARS as sampler_max
+
+    return prompt[:sampler_max]
+
+
+def _record_graph(settings: Settings, job_id: str, prompt: str, plan: MergePlan) -> None:
+    from graphdb.store import store_session
+
+    used = [(pe.expert_id, float(pe.coefficient)) for pe in plan.experts]
+    with store_session(settings) as store:
+        store.record_generation(job_id, prompt, used, created_at=utcnow())
+
+
+def run_generation(
+    settings: Settings,
+    job_id: str,
+    prompt: str,
+    options: GenerateOptions | dict[str, Any] | None,
+    progress: Progress | None = None,
+    *,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    """Run generation job ``job_id`` exactly once and return its JSON-serialisable result.
+
+    Args:
+        settings: effective settings (graph, SQL, data dir, base models, generation defaults).
+        job_id: the job's key (the Celery task id); letters, digits, ``.``, ``_``, ``-``.
+        prompt: the text prompt (1 to 10,000 characters).
+        options: a ``GenerateOptions`` or its JSON form.
+        progress: ``progress(stage, step, total)``; stages ``plan``, ``resolve``, ``load``, ``merge``,
+            ``lora``, ``sample``, ``save``, ``record``.
+        worker: the worker's name, stored on the row.
+
+    Returns:
+        ``{task_id, status, prompt, plan, image_paths, timings}``.
+
+    Raises:
+        ValidationFailed: bad prompt or options (nothing written).
+        NotFoundError: an explicit plan names an unknown expert (nothing written).
+        DiffGraphError / MergeError: planning or merging failed (row marked FAILURE, no graph record).
+    """
+    started = time.perf_counter()
+    opts = validate_request(prompt, options)
+    storage = get_storage(settings)
+    storage.uri(job_id, 0)  # validates the job id before anything is written
+    done = finished_result(settings, job_id)
+    if done is not None:
+        log.info("generation %s already finished; returning the stored result", job_id)
+        return done
+    known = _check_explicit_plan(settings, opts.plan) if opts.plan is not None else {}
+    params = opts.resolved(settings)
+    _claim(settings, job_id, prompt, params, worker)
+
+    timings: dict[str, float] = {}
+    current = {"stage": ""}
+
+    def report(stage: str, step: int, total: int) -> None:
+        if stage != current["stage"]:
+            current["stage"] = stage
+            _update(settings, job_id, stage=stage, keep_success=True)
+        if progress is not None:
+            progress(stage, step, total)
+
+    try:
+        t0 = time.perf_counter()
+        report("plan", 0, 1)
+        plan = _plan(settings, prompt, opts)
+        timings["plan"] = _since(t0)
+
+        t0 = time.perf_counter()
+        report("resolve", 0, max(1, len(plan.experts)))
+        _resolve_weights(settings, plan, known)
+        timings["resolve"] = _since(t0)
+        _update(settings, job_id, plan=plan.model_dump(mode="json"), keep_success=True)
+
+        result = _generator(settings).generate(
+            plan,
+            _sampler_prompt(prompt),
+            negative_prompt=params["negative_prompt"],
+            seed=params["seed"],
+            steps=params["steps"],
+            guidance=params["guidance"],
+            width=params["width"],
+            height=params["height"],
+            num_images=params["num_images"],
+            progress=report,
+        )
+        timings.update({k: round(float(v), 4) for k, v in result.timings.items()})
+
+        t0 = time.perf_counter()
+        report("save", 0, len(result.images))
+        paths = [storage.save_image(job_id, i, img) for i, img in enumerate(result.images)]
+        timings["save"] = _since(t0)
+
+        t0 = time.perf_counter()
+        report("record", 0, 1)
+        _record_graph(settings, job_id, prompt, plan)
+        timings["record"] = _since(t0)
+        timings["total"] = _since(started)
+
+        _update(
+            settings,
+            job_id,
+            status=GenerationStatus.success.value,
+            stage="done",
+            plan=plan.model_dump(mode="json"),
+            image_paths=paths,
+            timings=timings,
+            error=None,
+            worker=worker,
+            finished_at=utcnow(),
+        )
+    except Exception as exc:
+        log.warning("generation %s failed: %s", job_id, _error_text(exc))
+        try:
+            if _mark_failed(settings, job_id, _error_text(exc), timings):
+                storage.delete_job(job_id)  # no half-written image set survives a failure
+        except Exception:  # the original error matters more than a failed bookkeeping write
+            log.exception("cannot mark generation %s as failed", job_id)
+        raise
+    done = finished_result(settings, job_id)
+    assert done is not None
+    return done
+
+
+# -- reading the records (``diffgraph jobs``) ---------------------------------------------------------------
+
+
+def job_to_dict(row: Any, full: bool = True) -> dict[str, Any]:
+    """A ``GenerationJob`` row as JSON-serialisable data (``full=False`` omits plan, params and timings)."""
+    out: dict[str, Any] = {
+        "id": row.id,
+        "status": row.status,
+        "stage": row.stage,
+        "prompt": row.prompt,
+        "attempts": row.attempts,
+        "worker": row.worker,
+        "image_paths": list(row.image_paths or []),
+        "error": row.error,
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+    }
+    if full:
+        out.update({"params": row.params, "plan": row.plan, "timings": row.timings})
+    return out
+
+
+def list_jobs(settings: Settings, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The most recent generation records, newest first, optionally of one status."""
+    from sqlalchemy import select
+
+    from core.records import GenerationJob, session_scope
+
+    if status is not None:
+        status = status.upper()
+        allowed = {s.value for s in GenerationStatus}
+        if status not in allowed:
+            raise ValidationFailed(f"unknown status {status!r}; one of {', '.join(sorted(allowed))}")
+    if limit < 1:
+        raise ValidationFailed(f"limit must be >= 1, got {limit}")
+    query = select(GenerationJob).order_by(GenerationJob.created_at.desc(), GenerationJob.id).limit(limit)
+    if status is not None:
+        query = query.where(GenerationJob.status == status)
+    with session_scope(settings) as s:
+        return [job_to_dict(row, full=False) for row in s.scalars(query)]
+
+
+def get_job(settings: Settings, job_id: str) -> dict[str, Any]:
+    """One generation record; raises ``NotFoundError`` naming the id."""
+    from core.records import GenerationJob, session_scope
+
+    with session_scope(settings) as s:
+        row = s.get(GenerationJob, job_id)
+        if row is None:
+            raise NotFoundError(f"no generation job {job_id!r}")
+        return job_to_dict(row)
