@@ -1,0 +1,336 @@
+"""Image scorers used by calibration, each loaded from a local path in ``settings.scorer_paths``.
+
+Registry (``settings.scorer_paths`` key → what it must point at):
+
+* ``clip`` — a transformers CLIP directory (``CLIPModel`` + ``CLIPProcessor``). Score: CLIPScore-style
+  ``100 · cos(image, text)``.
+* ``aesthetic`` — the LAION "improved aesthetic predictor" MLP head as a ``.safetensors`` file (keys
+  ``layers.{0,2,4,6,7}.{weight,bias}``) applied to the L2-normalised CLIP image embedding of the CLIP model at
+  ``scorer_paths["aesthetic_clip"]`` (default: ``scorer_paths["clip"]``). Its input size must equal that
+  CLIP's projection dim (768 for ViT-L/14).
+* ``pickscore`` / ``hpsv2`` — CLIP-family preference models converted to a transformers CLIP directory.
+  Score: ``logit_scale · cos(image, text)`` (PickScore's definition; HPSv2 uses the same form).
+* ``imagereward`` — needs the ``image-reward`` package, its checkpoint with ``med_config.json`` beside it,
+  and ``allow_pickle`` (the checkpoint is a pickle). Its BLIP text tokenizer (bert-base-uncased) must already
+  be in the local Hugging Face cache: nothing is downloaded at run time.
+
+A scorer whose path is unset, missing, or unusable is returned as ``Unavailable(name, reason)``: it is
+reported, never skipped silently and never replaced by a fake score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from core.settings import Settings
+from core.types import DiffGraphError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+SCORER_NAMES = ("clip", "aesthetic", "imagereward", "hpsv2", "pickscore")
+_HASH_CHUNK = 1 << 20
+
+
+class ScorerError(DiffGraphError):
+    """A scorer's weights exist but cannot be loaded or used."""
+
+
+class Scorer(Protocol):
+    name: str
+    version: str  # "<name>:<hash prefix of its weight files>"
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """One score per (image, prompt) pair; higher is better."""
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: unavailable ({self.reason})"
+
+
+def _aesthetic_layers(input_dim: int) -> Any:
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Linear(input_dim, 1024), nn.Dropout(0.2),
+        nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
+def AestheticMLP(input_dim: int) -> Any:  # noqa: N802 - reads like the class it builds
+    """The LAION improved-aesthetic-predictor head; ``state_dict`` keys are ``layers.N.*`` as in the original."""
+    import torch.nn as nn
+
+    class _Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = _aesthetic_layers(input_dim)
+
+        def forward(self, x: Any) -> Any:
+            return self.layers(x)
+
+    return _Head()
+
+
+# -- weight fingerprints ------------------------------------------------------------------------------
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                h.update(chunk)
+        _hash_cache[key] = h.hexdigest()
+    return _hash_cache[key]
+
+
+def weights_hash(path: Path) -> str:
+    """SHA-256 over a weight file, or over a directory's files (names and contents, sorted)."""
+    if path.is_file():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def scorer_version(scorers: dict[str, Scorer | Unavailable]) -> str:
+    """``"aesthetic:1a2b3c4d+clip:5e6f7a8b"``: the available scorers with their weight hashes, sorted."""
+    return "+".join(sorted(s.version for s in scorers.values() if not isinstance(s, Unavailable)))
+
+
+# -- CLIP-family scorers --------------------------------------------------------------------------------
+def _device(settings: Settings) -> str:
+    return settings.resolved_device()
+
+
+@dataclass
+class _ClipBundle:
+    model: Any
+    processor: Any
+    device: str
+    lock: threading.Lock
+
+    def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        import torch
+
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        with torch.inference_mode():
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            emb = self.model.visual_projection(pooled)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        import torch
+
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        tok = self.processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len,
+                                       return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            pooled = self.model.text_model(input_ids=tok["input_ids"],
+                                           attention_mask=tok["attention_mask"]).pooler_output
+            emb = self.model.text_projection(pooled)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+
+_clip_cache: dict[tuple[str, str, str], _ClipBundle] = {}
+_cache_lock = threading.Lock()
+
+
+def _load_clip_bundle(path: Path, device: str) -> _ClipBundle:
+    """A CLIP model + processor from a local directory (never the hub), cached per process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    key = (str(path.resolve()), weights_hash(path), device)
+    with _cache_lock:
+        if key in _clip_cache:
+            return _clip_cache[key]
+        from transformers import CLIPModel, CLIPProcessor
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the torchvision-fallback notice is noise here
+        try:
+            model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+            processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # transformers raises OSError/ValueError/KeyError variously
+            raise ScorerError(f"cannot load CLIP weights from {path}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        bundle = _ClipBundle(model.to(device).eval(), processor, device, threading.Lock())
+        _clip_cache[key] = bundle
+        return bundle
+
+
+class ClipScorer:
+    """CLIPScore (``100 · cos``) or, with ``use_logit_scale``, the PickScore/HPS form ``logit_scale · cos``."""
+
+    def __init__(self, name: str, path: Path, device: str, use_logit_scale: bool = False) -> None:
+        self.name = name
+        self.path = path
+        self.bundle = _load_clip_bundle(path, device)
+        self.version = f"{name}:{weights_hash(path)[:8]}"
+        self._scale = float(self.bundle.model.logit_scale.exp().item()) if use_logit_scale else 100.0
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        with self.bundle.lock:
+            img = self.bundle.image_embeds(images)
+            txt = self.bundle.text_embeds(prompts)
+        return [float(x) for x in (img * txt).sum(-1) * self._scale]
+
+
+class AestheticScorer:
+    """LAION improved aesthetic predictor: MLP head over the normalised CLIP image embedding."""
+
+    def __init__(self, head_path: Path, clip_path: Path, device: str) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self.name = "aesthetic"
+        self.bundle = _load_clip_bundle(clip_path, device)
+        try:
+            state = load_file(str(head_path))
+        except Exception as exc:  # safetensors raises SafetensorError / OSError
+            raise ScorerError(f"cannot read aesthetic head {head_path}: {exc}") from exc
+        if "layers.0.weight" not in state:
+            raise ScorerError(f"{head_path} is not an aesthetic-predictor head (no layers.0.weight)")
+        in_dim = int(state["layers.0.weight"].shape[1])
+        proj = int(self.bundle.model.config.projection_dim)
+        if in_dim != proj:
+            raise ScorerError(f"aesthetic head expects {in_dim}-d CLIP embeddings but {clip_path} projects to {proj}")
+        head = AestheticMLP(in_dim)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ScorerError(f"aesthetic head {head_path} does not match the LAION MLP: {exc}") from exc
+        self.head = head.to(device).eval()
+        self._torch = torch
+        both = hashlib.sha256((weights_hash(head_path) + weights_hash(clip_path)).encode()).hexdigest()
+        self.version = f"aesthetic:{both[:8]}"
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        if not images:
+            return []
+        with self.bundle.lock, self._torch.inference_mode():
+            emb = self.bundle.image_embeds(images)
+            out = self.head(emb).squeeze(-1)
+        return [float(x) for x in out]
+
+
+class ImageRewardScorer:
+    """ImageReward via its own package (BLIP + MLP); loaded only with ``allow_pickle`` (its checkpoint is a pickle)."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        import ImageReward as reward  # noqa: N813 - the package's own module name
+
+        self.name = "imagereward"
+        try:
+            self.model = reward.load(str(path), device=device, med_config=str(path.parent / "med_config.json"))
+        except Exception as exc:  # the package raises many kinds for bad files
+            raise ScorerError(f"cannot load ImageReward from {path}: {exc}") from exc
+        self.version = f"imagereward:{weights_hash(path)[:8]}"
+        self._lock = threading.Lock()
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        with self._lock:
+            return [float(self.model.score(p, [im])) for im, p in zip(images, prompts, strict=True)]
+
+
+# -- registry -----------------------------------------------------------------------------------------
+def _path_or_reason(settings: Settings, key: str, want_dir: bool) -> Path | str:
+    raw = settings.scorer_paths.get(key, "")
+    if not raw:
+        return f"no weights configured (set scorer_paths[{key!r}] / DIFFGRAPH_SCORER_PATHS)"
+    path = Path(os.path.expanduser(raw))
+    if not path.exists():
+        return f"weights not found at {path}"
+    if want_dir and not (path / "config.json").is_file():
+        return f"{path} is not a transformers CLIP directory (no config.json)"
+    if not want_dir and not path.is_file():
+        return f"{path} is not a file"
+    return path
+
+
+def _load_clip(settings: Settings) -> Scorer | Unavailable:
+    p = _path_or_reason(settings, "clip", want_dir=True)
+    return Unavailable("clip", p) if isinstance(p, str) else ClipScorer("clip", p, _device(settings))
+
+
+def _load_aesthetic(settings: Settings) -> Scorer | Unavailable:
+    head = _path_or_reason(settings, "aesthetic", want_dir=False)
+    if isinstance(head, str):
+        return Unavailable("aesthetic", head)
+    if head.suffix != ".safetensors":
+        return Unavailable("aesthetic", f"{head} must be a .safetensors head (convert the .pth first)")
+    clip_key = "aesthetic_clip" if settings.scorer_paths.get("aesthetic_clip") else "clip"
+    clip = _path_or_reason(settings, clip_key, want_dir=True)
+    if isinstance(clip, str):
+        return Unavailable("aesthetic", f"needs a CLIP image encoder: {clip}")
+    return AestheticScorer(head, clip, _device(settings))
+
+
+def _clip_family(name: str) -> Callable[[Settings], Scorer | Unavailable]:
+    def load(settings: Settings) -> Scorer | Unavailable:
+        p = _path_or_reason(settings, name, want_dir=True)
+        if isinstance(p, str):
+            return Unavailable(name, p)
+        return ClipScorer(name, p, _device(settings), use_logit_scale=True)
+
+    return load
+
+
+def _load_imagereward(settings: Settings) -> Scorer | Unavailable:
+    p = _path_or_reason(settings, "imagereward", want_dir=False)
+    if isinstance(p, str):
+        return Unavailable("imagereward", p)
+    if importlib.util.find_spec("ImageReward") is None:
+        return Unavailable("imagereward", "the 'image-reward' package is not installed (pip install image-reward)")
+    if not settings.allow_pickle:
+        return Unavailable("imagereward", "its checkpoint is a pickle; set DIFFGRAPH_ALLOW_PICKLE=1 to load it")
+    if not (p.parent / "med_config.json").is_file():  # without it the package downloads one at load time
+        return Unavailable("imagereward", f"med_config.json must sit next to {p.name} (no downloads at run time)")
+    return ImageRewardScorer(p, _device(settings))
+
+
+LOADERS: dict[str, Callable[[Settings], Scorer | Unavailable]] = {
+    "clip": _load_clip,
+    "aesthetic": _load_aesthetic,
+    "imagereward": _load_imagereward,
+    "hpsv2": _clip_family("hpsv2"),
+    "pickscore": _clip_family("pickscore"),
+}
+
+
+def available_scorers(settings: Settings) -> dict[str, Scorer | Unavailable]:
+    """Every registered scorer: a loaded ``Scorer`` or ``Unavailable`` with the reason (never dropped)."""
+    out: dict[str, Scorer | Unavailable] = {}
+    for name, loader in LOADERS.items():
+        try:
+            out[name] = loader(settings)
+        except ScorerError as exc:
+            out[name] = Unavailable(name, str(exc))
+    return out

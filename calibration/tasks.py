@@ -1,0 +1,76 @@
+"""Celery tasks of the ``calibrate`` queue (GPU workers): calibrate one expert; sweep uncalibrated experts.
+
+``calibrate_expert`` is idempotent (CAPABILITY edges are keyed by (expert, prompt), run rows are per attempt),
+so ``acks_late`` redelivery after a worker crash only repeats the work. Only transient errors (graph busy or
+unreachable, network) are retried with backoff; a bad expert is a recorded failure, not an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from core.settings import get_settings
+from graphdb.store import GraphUnavailable
+
+log = logging.getLogger(__name__)
+
+SOFT_TIME_LIMIT_S = 2 * 3600  # a full reference set at 512 px / 20 steps fits comfortably on one GPU
+TIME_LIMIT_S = SOFT_TIME_LIMIT_S + 300
+
+
+class TransientCalibrationError(RuntimeError):
+    """The expert could not be calibrated for a reason a later attempt may not have."""
+
+
+# graph locked/unreachable, broker/network hiccups; everything else is the expert's own fault
+TRANSIENT = (GraphUnavailable, TransientCalibrationError, ConnectionError, TimeoutError)
+
+
+@shared_task(name="calibration.calibrate_expert", bind=True, acks_late=True, max_retries=3,
+             autoretry_for=TRANSIENT, retry_backoff=10, retry_backoff_max=600, retry_jitter=True,
+             soft_time_limit=SOFT_TIME_LIMIT_S, time_limit=TIME_LIMIT_S)
+def calibrate_expert(self: Any, expert_id: str, n_prompts: int | None = None,
+                     n_seeds: int | None = None) -> dict[str, Any]:
+    """Calibrate ``expert_id``; returns the outcome as JSON. Transient failures are retried with backoff."""
+    from calibration.calibrate import calibrate_experts
+
+    (outcome,) = calibrate_experts(get_settings(), [expert_id], n_prompts=n_prompts, n_seeds=n_seeds,
+                                   task_id=self.request.id)
+    if outcome.transient:
+        log.warning("calibration of %s failed transiently (attempt %d): %s", expert_id,
+                    self.request.retries + 1, outcome.error)
+        raise TransientCalibrationError(outcome.error or "transient failure")
+    return outcome.to_json()
+
+
+@shared_task(name="calibration.sweep_uncalibrated", bind=True, acks_late=True, max_retries=3,
+             autoretry_for=(GraphUnavailable,), retry_backoff=10, retry_backoff_max=600)
+def sweep_uncalibrated(self: Any, limit: int = 1000) -> dict[str, Any]:
+    """Find experts not calibrated for the current reference set; enqueue each (or calibrate in-process)."""
+    return sweep(get_settings(), limit=limit)
+
+
+def sweep(settings: Any, limit: int = 1000) -> dict[str, Any]:
+    """The sweep itself: ``{"ref_set_version", "found", "enqueued", "task_ids", "calibrated"}``."""
+    from calibration.refset import load_reference_set
+    from core.queue import send
+    from graphdb.store import ExpertFilter, store_session
+
+    version = load_reference_set().version
+    with store_session(settings) as store:
+        ids = [e.id for e in store.find_experts(ExpertFilter(uncalibrated_for=version), limit=limit)]
+    result: dict[str, Any] = {"ref_set_version": version, "found": len(ids), "enqueued": 0, "task_ids": [],
+                              "calibrated": []}
+    if not ids:
+        return result
+    if settings.celery_enabled:
+        result["task_ids"] = [send(settings, "calibration.calibrate_expert", (eid,)) for eid in ids]
+        result["enqueued"] = len(ids)
+    else:
+        from calibration.calibrate import calibrate_experts
+
+        result["calibrated"] = [o.to_json() for o in calibrate_experts(settings, ids)]
+    return result
