@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     embedding_batch_size: int = 64
 
+    log_level: str = "WARNING"  # DEBUG also shows the libraries' own chatter
+
     # compute
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -70,6 +72,8 @@ class Settings(BaseSettings):
     # safety
     allow_nsfw: bool = False
     allow_pickle: bool = False
+    require_commercial_use: bool = False  # planner retrieval: only experts licensed for commercial use
+    require_derivatives: bool = False  # planner retrieval: only experts that allow derivatives (merges)
 
     # base models per family: {"sd15": "/models/sd15"} (diffusers dir or single .safetensors)
     base_models: dict[str, str] = Field(default_factory=dict)

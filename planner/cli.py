@@ -1,0 +1,140 @@
+"""``diffgraph plan``, ``diffgraph experts search`` and ``diffgraph planner train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core.cli import console, fail, print_json, user_errors
+
+experts_app = typer.Typer(help="Explore the experts in the graph.", no_args_is_help=True)
+planner_app = typer.Typer(help="Train the planner's VGAE.", no_args_is_help=True)
+
+METHOD_HELP = "vgae | fixed | similarity | direct"
+
+
+def plan_command(
+    prompt: Annotated[str, typer.Argument(help="The text-to-image prompt.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the MergePlan as JSON on stdout.")] = False,
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "vgae",
+    seed: Annotated[int, typer.Option("--seed", help="Seed recorded in the plan.")] = 0,
+) -> None:
+    """Plan a merge for PROMPT: which checkpoints and LoRAs, with which coefficients."""
+    from core.settings import get_settings
+    from planner import make_plan
+
+    with user_errors():
+        plan = make_plan(get_settings(), prompt, method=method, seed=seed)
+    if json_out:
+        print_json(plan.model_dump(mode="json"))
+        return
+    from rich.table import Table
+
+    table = Table(
+        title=f"plan ({plan.method}, base {plan.base_family}{': ' + plan.base_model if plan.base_model else ''})"
+    )
+    for col in ("kind", "expert", "name", "coefficient", "Beta α/β", "std", "reason"):
+        table.add_column(col)
+    for e in plan.experts:
+        ab = f"{e.alpha:.2f}/{e.beta:.2f}" if e.alpha is not None and e.beta is not None else "-"
+        std = f"{e.std:.3f}" if e.std is not None else "-"
+        table.add_row(e.kind.value, e.expert_id, e.name, f"{e.coefficient:.3f}", ab, std, e.reason)
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"- {note}", highlight=False)
+    console.print(
+        "timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plan.timings.items()), highlight=False
+    )
+
+
+def _rows(cands: list) -> list[dict[str, object]]:
+    return [
+        {
+            "expert_id": c.expert.id,
+            "source_id": c.expert.source_model_id or c.expert.source_version_id or c.expert.id,
+            "name": c.expert.name,
+            "kind": c.expert.kind.value,
+            "base_family": c.expert.base_family,
+            "score": round(c.score, 6),
+        }
+        for c in cands
+    ]
+
+
+@experts_app.command("search")
+def search_command(
+    text: Annotated[str | None, typer.Argument(help="What to look for.")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="checkpoint | lora")] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Base family, e.g. sd15.")] = None,
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="How many results.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the ranking as JSON on stdout.")] = False,
+    queries_file: Annotated[
+        Path | None,
+        typer.Option("--queries-file", help="One query per line; prints one JSON array per line."),
+    ] = None,
+) -> None:
+    """The retrieval ranking the planner uses (expert id, source id, name, score)."""
+    from core.settings import get_settings
+    from planner.retrieval import search_many
+
+    if (text is None) == (queries_file is None):
+        fail("give either a search text or --queries-file")
+    with user_errors():
+        if queries_file is not None:
+            lines = [ln.strip() for ln in queries_file.read_text(encoding="utf-8").splitlines()]
+            queries = [ln for ln in lines if ln]
+            for ranking in search_many(get_settings(), queries, kind=kind, family=family, k=k):
+                print_json(_rows(ranking))
+            return
+        ranking = search_many(get_settings(), [text or ""], kind=kind, family=family, k=k)[0]
+    rows = _rows(ranking)
+    if json_out:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"experts matching {json.dumps(text)}")
+    for col in ("#", "expert", "source id", "name", "kind", "family", "score"):
+        table.add_column(col)
+    for i, r in enumerate(rows, 1):
+        table.add_row(
+            str(i),
+            *(str(r[c]) for c in ("expert_id", "source_id", "name", "kind", "base_family")),
+            f"{r['score']:.3f}",
+        )
+    console.print(table)
+
+
+@planner_app.command("train")
+def train_command(
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the training result as JSON.")] = False,
+) -> None:
+    """Train the VGAE on the calibrated graph and register a new versioned checkpoint."""
+    from core.settings import get_settings
+    from planner.train import train_planner
+
+    with user_errors():
+        result = train_planner(get_settings(), epochs=epochs, seed=seed)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"planner model {result.version}: {result.n_experts} experts, {result.n_prompts} prompts, "
+        f"{result.n_edges} capability edges, {result.seconds:.1f}s",
+        highlight=False,
+    )
+    console.print(f"saved {result.path}", highlight=False)
+    for key, value in sorted(result.metrics.items()):
+        console.print(f"  {key}: {value}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``plan``, ``experts`` and ``planner`` to the ``diffgraph`` app."""
+    app.command("plan")(plan_command)
+    app.add_typer(experts_app, name="experts")
+    app.add_typer(planner_app, name="planner")

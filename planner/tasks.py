@@ -1,0 +1,57 @@
+"""Celery task of the planner: retrain the VGAE on the calibrated graph (``calibrate`` queue).
+
+Idempotent: the task fingerprints the training data first and returns the latest model unchanged when it
+was trained on the same data with the same seed (``force=True`` retrains anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from core.settings import get_settings
+from graphdb.store import GraphUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(
+    name="planner.retrain",
+    bind=True,
+    acks_late=True,
+    max_retries=3,
+    autoretry_for=(GraphUnavailable,),
+    retry_backoff=10,
+    retry_backoff_max=600,
+    retry_jitter=True,
+)
+def retrain(self: Any, epochs: int = 200, seed: int = 0, force: bool = False) -> dict[str, Any]:
+    """Train a new planner model unless the latest one already covers the current calibrated graph."""
+    return retrain_if_changed(get_settings(), epochs=epochs, seed=seed, force=force)
+
+
+def retrain_if_changed(
+    settings: Any, epochs: int = 200, seed: int = 0, force: bool = False
+) -> dict[str, Any]:
+    """``{"trained": bool, "version", "path", "metrics"}``; skips training when the data is unchanged."""
+    from planner.checkpoint import latest_record
+    from planner.graph import to_tensors
+    from planner.train import fingerprint, load_training_graph, train_planner
+
+    if not force:
+        latest = latest_record(settings)
+        if latest is not None and latest.metrics:
+            current = fingerprint(to_tensors(load_training_graph(settings)))
+            same = latest.metrics.get("data_fingerprint") == current and latest.metrics.get("seed") == seed
+            if same and latest.metrics.get("epochs") == epochs:
+                log.info("planner model %s is up to date (data %s)", latest.version, current)
+                return {
+                    "trained": False,
+                    "version": latest.version,
+                    "path": latest.path,
+                    "metrics": latest.metrics,
+                }
+    result = train_planner(settings, epochs=epochs, seed=seed)
+    return {"trained": True, **result.to_dict()}
