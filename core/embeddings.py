@@ -41,7 +41,7 @@ class SentenceTransformerEmbedder:
 
         self.name = path
         self._model = SentenceTransformer(path, device=device, local_files_only=True)
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        self.dim = int(self._model.get_embedding_dimension())
         self._batch = batch_size
         self._lock = threading.Lock()
 
