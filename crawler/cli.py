@@ -1,0 +1,74 @@
+"""``diffgraph crawl civitai|huggingface`` and ``diffgraph download EXPERT_ID``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("crawl")(crawl_command)
+    app.command("download")(download_command)
+
+
+def crawl_command(
+    source: str = typer.Argument(..., help="civitai or huggingface"),
+    limit: int | None = typer.Option(None, "--limit", help="Items of this run at most (default: settings)."),
+    base_model: str | None = typer.Option(None, "--base-model", help='Source base model, e.g. "SD 1.5".'),
+    kind: str | None = typer.Option(None, "--kind", help="checkpoint, lora or locon."),
+    since: str | None = typer.Option(None, "--since", help="Only versions created since this ISO date."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Crawl a source into the expert graph (incremental: known, unchanged versions are skipped)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from core.cli import console, print_json, user_errors
+    from core.settings import get_settings
+    from crawler.run import CrawlSummary, crawl
+
+    with user_errors():
+        settings = get_settings()
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+            task = bar.add_task(f"crawling {source}", total=None)
+
+            def tick(s: CrawlSummary) -> None:
+                bar.update(task, description=(f"crawling {source}: {s.new} new, {s.updated} updated, "
+                                              f"{s.skipped} skipped, {s.failed} failed"))
+
+            summary = crawl(settings, source, limit=limit, base_model=base_model, kind=kind, since=since,
+                            progress=tick, log_level="ERROR")
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    table = Table(title=f"crawl {source}")
+    for col in ("new", "updated", "skipped", "failed", "requests", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(x) for x in (summary.new, summary.updated, summary.skipped, summary.failed,
+                                     summary.requests, summary.elapsed_s)))
+    console.print(table)
+    for title, reasons in (("skipped", summary.skipped_reasons), ("failed", summary.failed_reasons)):
+        if reasons:
+            console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+    if summary.error:
+        console.print(f"[yellow]warning:[/] {summary.error}")
+
+
+def download_command(
+    expert_id: str = typer.Argument(..., help="Expert id, e.g. civitai:128713"),
+    as_json: bool = typer.Option(False, "--json", help="Print {expert_id, path} as JSON on stdout."),
+) -> None:
+    """Download (or reuse) an expert's primary weight file into the verified local store."""
+    from core.cli import console, print_json, user_errors
+    from core.settings import get_settings
+    from crawler.downloads import ensure_local
+
+    with user_errors():
+        path = ensure_local(get_settings(), expert_id, progress=not as_json)
+    result: dict[str, Any] = {"expert_id": expert_id, "path": str(path)}
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"{expert_id} → {path}")

@@ -1,0 +1,307 @@
+"""Content-addressed store of expert weight files: resumable, hash-verified, size-capped, atomic.
+
+Layout: ``<data_dir>/blobs/sha256/<ab>/<sha256>.<ext>`` (complete, verified files only) and
+``<data_dir>/blobs/partial/<key>.part`` (an interrupted download, resumed with ``Range``).
+
+Safety: only ``.safetensors`` files are accepted unless ``settings.allow_pickle`` (and then this module
+still never unpickles anything: loading is ``merger.safe_load``'s job, with ``torch.load(weights_only=True)``).
+A file whose bytes do not match the source's SHA-256, or whose safetensors header is inconsistent, is
+deleted and never enters the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import requests
+from sqlalchemy import select
+
+from core.records import ExpertFileRecord, session_scope
+from core.settings import Settings
+from core.types import DiffGraphError, Expert, ExpertFile
+from crawler.normalize.files import is_pickle
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+READ_CHUNK = 64 * 1024  # small reads: bytes received before a dropped connection are kept
+ATTEMPTS = 5
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}
+
+
+class DownloadError(DiffGraphError):
+    """A weight file could not be fetched or was rejected."""
+
+
+class UnsafeFormat(DownloadError):
+    """A pickle-based (or unknown) weight format while ``allow_pickle`` is off."""
+
+
+class HashMismatch(DownloadError):
+    """The downloaded bytes are not the file the source described."""
+
+
+class CorruptWeights(DownloadError):
+    """The file is not a consistent safetensors file."""
+
+
+class TooLarge(DownloadError):
+    """The file exceeds ``settings.max_download_bytes``."""
+
+
+def validate_safetensors(path: Path) -> int:
+    """Check a safetensors file's header before anything loads it; returns the number of tensors.
+
+    Checks: 8-byte little-endian header length within the file, a JSON object header, known dtypes,
+    integer shapes, ``data_offsets`` inside the data section, sized ``prod(shape) * itemsize`` and not
+    overlapping. Raises ``CorruptWeights`` naming the first problem.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise CorruptWeights(f"{path.name}: {size} bytes is too short for a safetensors file")
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise CorruptWeights(f"{path.name}: header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptWeights(f"{path.name}: header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CorruptWeights(f"{path.name}: header is not a JSON object")
+    data_size = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CorruptWeights(f"{path.name}: __metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict):
+            raise CorruptWeights(f"{path.name}: tensor {name!r} has no description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise CorruptWeights(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CorruptWeights(f"{path.name}: tensor {name!r} has an invalid shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise CorruptWeights(f"{path.name}: tensor {name!r} has offsets outside the file")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CorruptWeights(f"{path.name}: tensor {name!r} size does not match its shape and dtype")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise CorruptWeights(f"{path.name}: tensors {a!r} and {b!r} overlap")
+    return len(spans)
+
+
+def _ext(file: ExpertFile) -> str:
+    suffix = Path(file.name).suffix.lower()
+    return suffix if suffix and len(suffix) <= 16 else ".bin"
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class DownloadStore:
+    """Fetches expert files into the content-addressed store under ``<data_dir>/blobs``."""
+
+    def __init__(self, settings: Settings, progress: bool = False, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self.root = Path(settings.data_dir) / "blobs"
+        self.progress = progress
+        self.http = session or requests.Session()
+        self.http.headers["User-Agent"] = settings.user_agent
+        self._tokens = {
+            urlsplit(settings.civitai_api_url).netloc: settings.civitai_token.get_secret_value(),
+            urlsplit(settings.hf_url).netloc: settings.hf_token.get_secret_value(),
+        }
+
+    def path_for(self, sha256: str, file: ExpertFile) -> Path:
+        return self.root / "sha256" / sha256[:2] / f"{sha256}{_ext(file)}"
+
+    def fetch(self, expert: Expert, file: ExpertFile | None = None) -> Path:
+        """The local path of ``file`` (default: the expert's primary file), downloading it if needed.
+
+        Raises ``UnsafeFormat`` (pickle without ``allow_pickle``), ``TooLarge``, ``HashMismatch``,
+        ``CorruptWeights`` or ``DownloadError`` (network/HTTP) with a message naming the expert.
+        """
+        file = file or expert.primary_file
+        if file is None:
+            raise DownloadError(f"expert {expert.id} has no weight file to download")
+        if not file.is_safetensors and not self.settings.allow_pickle:
+            kind = "pickle-based" if is_pickle(file) else "non-safetensors"
+            raise UnsafeFormat(
+                f"expert {expert.id}: {file.name} is a {kind} file; refused (set DIFFGRAPH_ALLOW_PICKLE=1 to allow)"
+            )
+        cap = self.settings.max_download_bytes
+        if file.size_bytes is not None and file.size_bytes > cap:
+            raise TooLarge(f"expert {expert.id}: {file.name} is {file.size_bytes} bytes, over the {cap}-byte cap")
+        if file.sha256:
+            final = self.path_for(file.sha256, file)
+            if final.is_file():
+                return final
+        key = file.sha256 or hashlib.sha256(file.url.encode()).hexdigest()
+        part = self.root / "partial" / f"{key}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._download(expert, file, part, cap)
+            digest = _sha256_of(part)
+            if file.sha256 and digest != file.sha256:
+                raise HashMismatch(
+                    f"expert {expert.id}: {file.name} has SHA-256 {digest[:12]}…, the source says {file.sha256[:12]}…"
+                )
+            if file.is_safetensors:
+                validate_safetensors(part)
+        except (HashMismatch, CorruptWeights, TooLarge):
+            part.unlink(missing_ok=True)  # never keep (or resume from) bytes we know are wrong
+            raise
+        final = self.path_for(digest, file)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)  # atomic: readers see a complete, verified file or nothing
+        return final
+
+    # transfer ------------------------------------------------------------------------------------
+    def _download(self, expert: Expert, file: ExpertFile, part: Path, cap: int) -> None:
+        url = file.url
+        if not url:
+            raise DownloadError(f"expert {expert.id}: {file.name} has no download URL")
+        if url.startswith("file://") or "://" not in url:
+            src = Path(unquote(urlsplit(url).path) if url.startswith("file://") else url)
+            if not src.is_file():
+                raise DownloadError(f"expert {expert.id}: {src} does not exist")
+            if src.stat().st_size > cap:
+                raise TooLarge(f"expert {expert.id}: {file.name} is over the {cap}-byte cap")
+            shutil.copyfile(src, part)
+            return
+        last: Exception | None = None
+        for attempt in range(ATTEMPTS):
+            try:
+                if self._transfer(expert, file, part, cap):
+                    return
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                last = exc
+                log.info("download of %s interrupted at %d bytes (%s); resuming", file.name, _size(part), exc)
+            time.sleep(min(8.0, 0.25 * 2**attempt))
+        raise DownloadError(f"expert {expert.id}: download of {file.name} failed after {ATTEMPTS} attempts: {last}")
+
+    def _transfer(self, expert: Expert, file: ExpertFile, part: Path, cap: int) -> bool:
+        """One HTTP attempt; ``True`` when the file is complete."""
+        have = _size(part)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        token = self._tokens.get(urlsplit(file.url).netloc)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        with self.http.get(file.url, headers=headers, stream=True, timeout=(15, 120), allow_redirects=True) as resp:
+            if resp.status_code == 416 and have:
+                return True  # the part file already holds every byte
+            if resp.status_code in (429, 500, 502, 503, 504):
+                log.info("download of %s got HTTP %d; retrying", file.name, resp.status_code)
+                return False
+            if resp.status_code not in (200, 206):
+                raise DownloadError(f"expert {expert.id}: {file.name} download got HTTP {resp.status_code}")
+            mode = "ab" if resp.status_code == 206 and have else "wb"
+            written = have if mode == "ab" else 0
+            expected = resp.headers.get("Content-Length")
+            total = written + int(expected) if expected and expected.isdigit() else file.size_bytes
+            if total is not None and total > cap:
+                raise TooLarge(f"expert {expert.id}: {file.name} is {total} bytes, over the {cap}-byte cap")
+            with part.open(mode) as out, self._bar(file.name, total, written) as advance:
+                for block in resp.iter_content(READ_CHUNK):
+                    written += len(block)
+                    if written > cap:
+                        raise TooLarge(f"expert {expert.id}: {file.name} exceeds the {cap}-byte cap")
+                    out.write(block)
+                    advance(len(block))
+            if expected and expected.isdigit() and written - (have if mode == "ab" else 0) < int(expected):
+                raise requests.exceptions.ChunkedEncodingError("connection closed before the end of the body")
+            return True
+
+    @contextmanager
+    def _bar(self, name: str, total: int | None, done: int) -> Iterator[Any]:
+        if not self.progress:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        from core.cli import console
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(name[:40], total=total, completed=done)
+            yield lambda n: bar.advance(task, n)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _record(settings: Settings, expert: Expert, file: ExpertFile, status: str, path: Path | None,
+            error: str | None) -> None:
+    with session_scope(settings) as s:
+        rec = s.scalars(
+            select(ExpertFileRecord).where(ExpertFileRecord.expert_id == expert.id, ExpertFileRecord.name == file.name)
+        ).first()
+        if rec is None:
+            rec = ExpertFileRecord(expert_id=expert.id, name=file.name)
+            s.add(rec)
+        rec.url, rec.sha256, rec.autov2, rec.size_bytes = file.url, file.sha256, file.autov2, file.size_bytes
+        rec.format, rec.primary = file.format, file.primary
+        rec.status, rec.local_path, rec.error = status, str(path) if path else None, error
+
+
+def ensure_local(settings: Settings, expert: Expert | str, progress: bool = False) -> Path:
+    """The verified local path of an expert's primary weight file (downloaded once, then reused).
+
+    ``expert`` may be an id, looked up in the graph. The outcome is recorded in ``ExpertFileRecord``
+    (``downloaded`` | ``refused`` | ``failed``) and errors are re-raised as ``DownloadError`` subclasses.
+    """
+    if isinstance(expert, str):
+        from graphdb.store import store_session
+
+        with store_session(settings) as store:
+            expert = store.get_expert(expert)
+    file = expert.primary_file
+    if file is None:
+        raise DownloadError(f"expert {expert.id} has no weight file to download")
+    try:
+        path = DownloadStore(settings, progress=progress).fetch(expert, file)
+    except UnsafeFormat as exc:
+        _record(settings, expert, file, "refused", None, str(exc))
+        raise
+    except DownloadError as exc:
+        _record(settings, expert, file, "failed", None, str(exc))
+        raise
+    _record(settings, expert, file, "downloaded", path, None)
+    return path

@@ -1,0 +1,115 @@
+"""Shared pipeline plumbing: outcomes (skip/fail with a counted reason), stage timing, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from scrapy.crawler import Crawler
+from scrapy.exceptions import DropItem
+
+from core.settings import Settings
+from crawler.items import SourceRecord
+
+log = logging.getLogger(__name__)
+
+
+class Skipped(DropItem):
+    """Not an error: known, duplicate or filtered by policy (counted as ``skipped``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message, log_level="INFO")
+        self.reason = reason
+
+
+class Failed(DropItem):
+    """The record cannot become an expert (counted as ``failed``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Stage:
+    """A pipeline with access to the crawl's stats and the platform settings."""
+
+    stage = "stage"
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.settings: Settings = crawler.settings["DIFFGRAPH_SETTINGS"]
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Stage:
+        return cls(crawler)
+
+    def skip(self, reason: str, item: SourceRecord) -> Skipped:
+        self.stats.inc_value(f"diffgraph/skipped/{reason}")
+        return Skipped(f"{item.source}:{item.version_id} skipped: {reason}", reason)
+
+    def fail(self, reason: str, item: SourceRecord, detail: str = "") -> Failed:
+        self.stats.inc_value(f"diffgraph/failed/{reason}")
+        log.warning("%s:%s failed at %s: %s %s", item.source, item.version_id, self.stage, reason, detail)
+        return Failed(f"{item.source}:{item.version_id} failed: {reason} {detail}".strip(), reason)
+
+    def anomaly(self, name: str) -> None:
+        self.stats.inc_value(f"diffgraph/anomaly/{name}")
+
+    def timed(self, seconds: float) -> None:
+        self.stats.inc_value(f"diffgraph/time/{self.stage}", seconds)
+
+
+class BatchStage(Stage):
+    """A stage that works on batches (embedding, graph and SQL writes) while Scrapy hands items one by one.
+
+    ``process_item`` parks each item until its batch is flushed: when ``DIFFGRAPH_BATCH_SIZE`` items are
+    waiting, when none arrived for ``DIFFGRAPH_BATCH_LINGER_S``, or when the spider closes. ``flush`` returns
+    one outcome per item: ``None`` (passed on) or a ``DropItem`` to raise for it.
+    """
+
+    def __init__(self, crawler: Crawler) -> None:
+        super().__init__(crawler)
+        self.batch_size = int(crawler.settings.getint("DIFFGRAPH_BATCH_SIZE", 128))
+        self.linger = float(crawler.settings.getfloat("DIFFGRAPH_BATCH_LINGER_S", 0.2))
+        self.pending: list[tuple[SourceRecord, asyncio.Future[DropItem | None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:
+        raise NotImplementedError
+
+    async def process_item(self, item: SourceRecord) -> SourceRecord:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[DropItem | None] = loop.create_future()
+        self.pending.append((item, future))
+        if len(self.pending) >= self.batch_size:
+            self._flush_now()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.linger, self._flush_now)
+        outcome = await future
+        if outcome is not None:
+            raise outcome
+        return item
+
+    def _flush_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        items = [item for item, _ in batch]
+        start = time.perf_counter()
+        try:
+            outcomes = self.flush(items)
+        except Exception as exc:  # one bad batch fails its items, never the crawl
+            log.exception("%s failed for a batch of %d", self.stage, len(items))
+            outcomes = [self.fail(f"{self.stage}_error", item, str(exc)[:200]) for item in items]
+        self.timed(time.perf_counter() - start)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+
+    def close_spider(self) -> None:
+        self._flush_now()

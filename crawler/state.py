@@ -1,0 +1,86 @@
+"""Crawl bookkeeping in SQL: known versions (incremental crawls) and per-source run counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from core.records import CrawlItem, CrawlState, ExpertFileRecord, session_scope
+from core.settings import Settings
+from core.types import utcnow
+
+SOURCES = ("civitai", "huggingface")
+
+
+def known_hashes(settings: Settings, source: str) -> dict[str, str]:
+    """``{version id: content hash}`` of every version of ``source`` seen before (registered or
+    quarantined by policy): an unchanged one is not processed again."""
+    with session_scope(settings) as s:
+        rows = s.execute(select(CrawlItem.version_id, CrawlItem.content_hash).where(CrawlItem.source == source))
+        return {vid: h for vid, h in rows}
+
+
+def known_sha256(settings: Settings) -> dict[str, str]:
+    """``{sha256: expert id}`` of every weight file already recorded (cross-source de-duplication)."""
+    with session_scope(settings) as s:
+        rows = s.execute(
+            select(ExpertFileRecord.sha256, ExpertFileRecord.expert_id).where(ExpertFileRecord.sha256.is_not(None))
+        )
+        return {sha: eid for sha, eid in rows}
+
+
+def get_state(settings: Settings, source: str) -> dict[str, Any] | None:
+    """The ``CrawlState`` row of ``source`` as a dict, ``None`` before the first run."""
+    with session_scope(settings) as s:
+        row = s.get(CrawlState, source)
+        if row is None:
+            return None
+        return {c.name: getattr(row, c.name) for c in CrawlState.__table__.columns}
+
+
+def record_run(
+    settings: Settings,
+    source: str,
+    counts: Mapping[str, int] | None,
+    error: str | None = None,
+    started_at: datetime | None = None,
+) -> None:
+    """Add one run's counts (new/updated/skipped/failed) and its error (if any) to the source's state."""
+    counts = dict(counts or {})
+    with session_scope(settings) as s:
+        row = s.get(CrawlState, source)
+        if row is None:
+            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
+            s.add(row)
+        row.runs = (row.runs or 0) + 1
+        row.total_new = (row.total_new or 0) + int(counts.get("new", 0))
+        row.total_updated = (row.total_updated or 0) + int(counts.get("updated", 0))
+        row.total_skipped = (row.total_skipped or 0) + int(counts.get("skipped", 0))
+        row.total_failed = (row.total_failed or 0) + int(counts.get("failed", 0))
+        row.last_counts = counts
+        row.last_error = error[:4000] if error else None
+        row.last_started_at = started_at
+        row.last_finished_at = utcnow()
+
+
+def advance_watermark(settings: Settings, source: str, watermark: datetime | None, cursor: str | None) -> None:
+    """Move the source's watermark forward (never back) and remember where paging stopped."""
+    with session_scope(settings) as s:
+        row = s.get(CrawlState, source)
+        if row is None:
+            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
+            s.add(row)
+        current = _aware(row.watermark)
+        if watermark is not None and (current is None or _aware(watermark) > current):
+            row.watermark = _aware(watermark)
+        row.cursor = cursor
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for UTC columns; compare everything as aware UTC."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt

@@ -1,0 +1,145 @@
+"""The content-addressed download store against the local Civitai fixture server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from core.records import ExpertFileRecord, session_scope
+from core.types import Expert, ExpertFile, ExpertKind
+from crawler.downloads import (
+    CorruptWeights,
+    DownloadStore,
+    HashMismatch,
+    TooLarge,
+    UnsafeFormat,
+    ensure_local,
+    validate_safetensors,
+)
+from crawler.testing import CivitaiFixtureServer
+
+
+def _expert(url: str, name: str, sha: str | None, size: int | None = None, fmt: str = "SafeTensor") -> Expert:
+    return Expert(id=f"civitai:{abs(hash(name)) % 10**6}", source="civitai", name=name, kind=ExpertKind.lora,
+                  files=[ExpertFile(name=name, url=url, sha256=sha, size_bytes=size, format=fmt)])
+
+
+def _record(settings, expert_id: str) -> ExpertFileRecord:
+    with session_scope(settings) as s:
+        return s.scalars(select(ExpertFileRecord).where(ExpertFileRecord.expert_id == expert_id)).one()
+
+
+def _blobs(settings) -> list[Path]:
+    root = Path(settings.data_dir) / "blobs"
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def test_download_is_content_addressed_and_recorded(settings, weights) -> None:
+    path = weights("style.safetensors", seed=1)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    with CivitaiFixtureServer([], files={path.name: path}) as server:
+        expert = _expert(server.file_url(path.name), path.name, sha, path.stat().st_size)
+        local = ensure_local(settings, expert)
+        assert local == Path(settings.data_dir) / "blobs" / "sha256" / sha[:2] / f"{sha}.safetensors"
+        assert local.read_bytes() == path.read_bytes()
+        again = ensure_local(settings, expert)  # reused, not fetched again
+        assert again == local and server.count(path.name) == 1
+    rec = _record(settings, expert.id)
+    assert (rec.status, rec.local_path, rec.sha256) == ("downloaded", str(local), sha)
+
+
+def test_hash_mismatch_is_rejected_and_not_stored(settings, weights) -> None:
+    path = weights("liar.safetensors", seed=2)
+    with CivitaiFixtureServer([], files={path.name: path}) as server:
+        expert = _expert(server.file_url(path.name), path.name, "0" * 64)
+        with pytest.raises(HashMismatch, match=expert.id):
+            ensure_local(settings, expert)
+    assert _blobs(settings) == []  # neither a stored blob nor a resumable partial
+    assert _record(settings, expert.id).status == "failed"
+
+
+def test_pickle_only_file_is_refused_without_a_request(settings, tmp_path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04not really a pickle")
+    with CivitaiFixtureServer([], files={ckpt.name: ckpt}) as server:
+        expert = _expert(server.file_url(ckpt.name), ckpt.name, None, fmt="PickleTensor")
+        with pytest.raises(UnsafeFormat, match="refused"):
+            ensure_local(settings, expert)
+        assert server.requests == []
+    assert _record(settings, expert.id).status == "refused"
+
+
+def test_pickle_allowed_only_by_opt_in(settings, tmp_path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"opaque bytes")
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    with CivitaiFixtureServer([], files={ckpt.name: ckpt}) as server:
+        expert = _expert(server.file_url(ckpt.name), ckpt.name, sha, fmt="PickleTensor")
+        opted = settings.model_copy(update={"allow_pickle": True})
+        assert DownloadStore(opted).fetch(expert).suffix == ".ckpt"
+
+
+def test_interrupted_download_is_resumed(settings, tmp_path) -> None:
+    big = tmp_path / "big.safetensors"
+    header = json.dumps({"w": {"dtype": "U8", "shape": [300_000], "data_offsets": [0, 300_000]}}).encode()
+    big.write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(256)) * 1171 + bytes(300_000 - 256 * 1171))
+    sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    with CivitaiFixtureServer([], files={big.name: big}) as server:
+        server.drop_download(big.name, times=1)
+        expert = _expert(server.file_url(big.name), big.name, sha)
+        local = DownloadStore(settings).fetch(expert)
+        assert local.read_bytes() == big.read_bytes()
+        assert len(server.range_requests) == 1
+        resumed_from = int(server.range_requests[0][1].split("=")[1].rstrip("-"))
+        assert 0 < resumed_from < big.stat().st_size
+
+
+def test_size_cap(settings, weights) -> None:
+    path = weights("capped.safetensors", seed=3)
+    small = settings.model_copy(update={"max_download_bytes": 100})
+    with CivitaiFixtureServer([], files={path.name: path}) as server:
+        declared = _expert(server.file_url(path.name), path.name, None, size=10_000)
+        with pytest.raises(TooLarge):
+            DownloadStore(small).fetch(declared)
+        assert server.requests == []
+        undeclared = _expert(server.file_url(path.name), path.name, None)
+        with pytest.raises(TooLarge):
+            DownloadStore(small).fetch(undeclared)
+    assert _blobs(settings) == []
+
+
+def test_corrupt_safetensors_header_is_rejected(settings, tmp_path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)  # offsets past the end
+    sha = hashlib.sha256(bad.read_bytes()).hexdigest()
+    with CivitaiFixtureServer([], files={bad.name: bad}) as server:
+        with pytest.raises(CorruptWeights, match="offsets"):
+            DownloadStore(settings).fetch(_expert(server.file_url(bad.name), bad.name, sha))
+    assert _blobs(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}, "dtype"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "size"),
+        ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+          "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, "overlap"),
+    ],
+)
+def test_validate_safetensors_rejects(tmp_path, tensors, message) -> None:
+    header = json.dumps(tensors).encode()
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(CorruptWeights, match=message):
+        validate_safetensors(path)
+
+
+def test_validate_real_safetensors(weights) -> None:
+    assert validate_safetensors(weights("ok.safetensors")) == 2
