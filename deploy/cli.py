@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "planner.cli",
     "merger.cli",
     "deploy.generate_cli",
+    "deploy.demo",
 )
 
 
@@ -40,7 +41,24 @@ def _register_all() -> None:
 _register_all()
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (CLIP's 77-token truncation notice, progress bars) drowns the CLI's own output."""
+    import logging
+    import os
+
+    from core.settings import get_settings
+
+    level = get_settings().log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if level != "DEBUG":
+        for name in ("diffusers", "transformers", "scrapy", "sentence_transformers", "httpx", "py.warnings"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
+    _quiet_libraries()
     app()
 
 
