@@ -7,37 +7,11 @@ The scores these produce are meaningless as quality judgements; they exercise th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 PROJECTION_DIM = 32
 IMAGE_SIZE = 32
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 _COMPLETE = ".complete"
-
-
-def _byte_unicode() -> list[str]:
-    """GPT-2/CLIP's byte-to-unicode alphabet (256 printable characters)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _write_tokenizer_files(out: Path) -> int:
-    """A character-level CLIP BPE vocabulary (no merges); returns the vocabulary size."""
-    chars = _byte_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + list(_SPECIALS)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    return len(tokens)
 
 
 def write_aesthetic_head(path: Path, input_dim: int, seed: int = 0) -> Path:
@@ -66,10 +40,13 @@ def build_tiny_clip(root: Path, seed: int = 0) -> dict[str, str]:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = _write_tokenizer_files(clip_dir)
+    from merger.testing import write_tiny_tokenizer
+
+    # The zoo's real (tiny) BPE vocabulary keeps reference prompts within CLIP's 77 tokens.
+    write_tiny_tokenizer(clip_dir)
     # transformers 5.x: CLIPTokenizer(vocab_file=...) silently ignores the files; from_pretrained reads them.
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir))
+    vocab_size = len(tokenizer)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
