@@ -21,6 +21,9 @@ import real_ladybug as _engine
 from graphdb.store import GraphError, GraphUnavailable
 
 _LOCK_MARKERS = ("could not set lock", "lock on file")
+# Seen while another process is closing/checkpointing the same database (two Celery workers taking
+# turns): the files are mid-rewrite, so wait like for the lock instead of failing at once.
+_IN_FLUX_MARKERS = ("shadow file", "no corresponding database file", "reading past the end")
 # statements that are never cached as prepared statements (schema, transactions, bulk input)
 _UNPREPARED = ("CREATE", "BEGIN", "COMMIT", "ROLLBACK", "COPY", "LOAD", "DROP", "ALTER")
 _MAX_PREPARED = 256
@@ -50,7 +53,7 @@ def _open_database(path: Path, timeout_s: float) -> Any:
             return _engine.Database(str(path), compression=False, checkpoint_threshold=CHECKPOINT_BYTES)
         except RuntimeError as exc:
             message = str(exc)
-            if not any(m in message.lower() for m in _LOCK_MARKERS):
+            if not any(m in message.lower() for m in (*_LOCK_MARKERS, *_IN_FLUX_MARKERS)):
                 raise GraphUnavailable(f"cannot open the embedded graph at {path}: {message}") from exc
             if time.monotonic() >= deadline:
                 raise GraphUnavailable(
