@@ -7,25 +7,13 @@ store only for the length of the command (the embedded database admits one proce
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from core.cli import console, out, print_json, user_errors
 from core.settings import get_settings
-
-if TYPE_CHECKING:
-    from graphdb.store import GraphStore
-
-MAX_EXPORT_NODES = 2000
-_COLOURS = {
-    "Checkpoint": "#4C8EDA",
-    "LoRA": "#F79767",
-    "BaseModel": "#57C7E3",
-    "Tag": "#C990C0",
-    "Creator": "#8DCC93",
-    "RefPrompt": "#FFC454",
-}
+from graphdb.viz import MAX_VIEW_NODES, render_html, view_of
 
 graph_app = typer.Typer(help="Inspect the expert graph.", no_args_is_help=True)
 
@@ -129,70 +117,6 @@ def show_command(expert_id: Annotated[str, typer.Argument(help="Expert id, e.g. 
     out.print(tree, crop=False, highlight=False)
 
 
-def _viz_graph(store: GraphStore, expert_id: str | None, max_nodes: int) -> tuple[list[dict], list[dict]]:
-    """Nodes and relationships (plain dicts) for the whole graph (capped) or one expert's neighbourhood."""
-    if expert_id is not None:
-        experts = [store.get_expert(expert_id)]
-    else:
-        experts = store.find_experts(limit=max_nodes)
-    sub = store.activate_subgraph([e.id for e in experts]) if experts else None
-    known = {e.id: e for e in experts}
-    if sub is not None:
-        for node in sub.nodes:  # SIMILAR_TO neighbours outside the first selection
-            if node.node_type in {"checkpoint", "lora"} and node.id not in known:
-                known[node.id] = store.get_expert(node.id)
-    nodes: dict[str, dict[str, Any]] = {}
-    rels: list[dict[str, Any]] = []
-
-    def add(node_id: str, label: str, caption: str, props: dict[str, Any]) -> None:
-        if node_id not in nodes:
-            nodes[node_id] = {"id": node_id, "label": label, "caption": caption[:40], "properties": props}
-
-    for expert in known.values():
-        add(
-            expert.id,
-            expert.label,
-            expert.name,
-            {
-                "id": expert.id,
-                "kind": expert.kind.value,
-                "base_model": expert.base_model,
-                "popularity": expert.popularity,
-                "skill": expert.skill[:200],
-            },
-        )
-        if expert.base_family:
-            add(f"base:{expert.base_family}", "BaseModel", expert.base_family, {"name": expert.base_family})
-            rels.append({"source": expert.id, "target": f"base:{expert.base_family}", "type": "BASED_ON"})
-        for tag in expert.tags:
-            add(f"tag:{tag}", "Tag", tag, {"name": tag})
-            rels.append({"source": expert.id, "target": f"tag:{tag}", "type": "TAGGED"})
-        if expert.creator:
-            add(f"creator:{expert.creator}", "Creator", expert.creator, {"name": expert.creator})
-            rels.append({"source": expert.id, "target": f"creator:{expert.creator}", "type": "CREATED_BY"})
-    if sub is not None:
-        for node in sub.nodes:
-            if node.node_type == "refprompt":
-                add(
-                    node.id,
-                    "RefPrompt",
-                    node.text,
-                    {"id": node.id, "category": node.category, "text": node.text},
-                )
-        for edge in sub.edges:
-            rels.append(
-                {
-                    "source": edge.src,
-                    "target": edge.dst,
-                    "type": edge.type,
-                    "properties": {"score": round(edge.score, 4), **edge.metrics},
-                }
-            )
-    kept = dict(list(nodes.items())[:max_nodes])
-    rels = [r for r in rels if r["source"] in kept and r["target"] in kept]
-    return list(kept.values()), rels
-
-
 @graph_app.command("export")
 def export_command(
     html: Annotated[
@@ -201,7 +125,7 @@ def export_command(
     expert: Annotated[str | None, typer.Option("--expert", help="Only this expert's neighbourhood.")] = None,
     max_nodes: Annotated[
         int, typer.Option("--max-nodes", min=1, help="Cap on nodes in the view.")
-    ] = MAX_EXPORT_NODES,
+    ] = MAX_VIEW_NODES,
 ) -> None:
     """Write the graph (capped) or one expert's neighbourhood as an interactive HTML page (neo4j-viz)."""
     from graphdb.store import store_session
@@ -210,32 +134,10 @@ def export_command(
         if html.exists() and html.is_dir():
             raise ValueError(f"{html} is a directory")
         with store_session(get_settings()) as store:
-            nodes, rels = _viz_graph(store, expert, max_nodes)
-        from neo4j_viz import Node, Relationship, VisualizationGraph
-
-        graph = VisualizationGraph(
-            nodes=[
-                Node(
-                    id=n["id"],
-                    caption=n["caption"],
-                    color=_COLOURS.get(n["label"]),
-                    properties={"label": n["label"], **n["properties"]},
-                )
-                for n in nodes
-            ],
-            relationships=[
-                Relationship(
-                    source=r["source"],
-                    target=r["target"],
-                    caption=r["type"],
-                    properties=r.get("properties", {}),
-                )
-                for r in rels
-            ],
-        )
-        page = graph.render(height="900px", max_allowed_nodes=max(max_nodes, len(nodes)))
+            nodes, rels = view_of(store, [expert] if expert else None, max_nodes)
+        page = render_html(nodes, rels)
         html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(page.data, encoding="utf-8")
+        html.write_text(page, encoding="utf-8")
     console.print(
         f"wrote {len(nodes)} nodes and {len(rels)} relationships to {html}", highlight=False, markup=False
     )
