@@ -104,7 +104,7 @@ def crawl(
     *,
     version_ids: list[str] | None = None,
     progress: Callable[[CrawlSummary], None] | None = None,
-    log_level: str = "INFO",
+    log_level: str | None = None,
 ) -> CrawlSummary:
     """Crawl ``source`` (``civitai`` | ``huggingface``) into the graph and the SQL records.
 
@@ -129,7 +129,8 @@ def crawl(
         raise CrawlError(f"unknown kind {kind!r}; choose checkpoint, lora or locon")
     if subprocess or _reactor_used:
         return _crawl_in_child(settings, source, limit, base_model, kind, since, version_ids)
-    return _crawl_here(settings, source, limit, base_model, kind, since, version_ids, progress, log_level)
+    return _crawl_here(settings, source, limit, base_model, kind, since, version_ids, progress,
+                       log_level or settings.log_level)
 
 
 def _crawl_here(

@@ -49,12 +49,18 @@ def _quiet_libraries() -> None:
     from core.settings import get_settings
 
     level = get_settings().log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # A level on the handler, not only the root: Scrapy resets the root logger to NOTSET when it starts.
+    handler = logging.StreamHandler()
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(level)
     if level != "DEBUG":
         for name in ("diffusers", "transformers", "scrapy", "sentence_transformers", "httpx", "py.warnings"):
             logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:

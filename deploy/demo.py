@@ -193,7 +193,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
                 )
             )
         settings = settings.model_copy(update={"civitai_api_url": server.api_url})
-        summary = crawl(settings, "civitai", limit=100)
+        summary = crawl(settings, "civitai", limit=100, log_level="ERROR")
         if summary.new == 0:
             raise DiffGraphError(f"the demo crawl registered no experts: {summary.counts()} {summary.error or ''}")
         from crawler.downloads import ensure_local
@@ -338,6 +338,6 @@ def register(app: typer.Typer) -> None:
         console.print(f"\n[bold green]demo finished in {time.perf_counter() - start:.0f} s[/]")
         console.print(f"report: {result.report}")
         console.print(f"plans:  {', '.join(str(p) for p in sorted(target.glob('plan_*.json')))}")
-        console.print(f"graph:  diffgraph graph export --html {target / 'graph.html'}  "
-                      f"(with DIFFGRAPH_DATA_DIR={target / 'state'})")
+        console.print(f"explore the demo graph:\n  DIFFGRAPH_DATA_DIR={target / 'state'} diffgraph graph export "
+                      f"--html {target / 'graph.html'}", highlight=False, soft_wrap=True)
         console.print(REAL_MODEL_COMMANDS, highlight=False)
