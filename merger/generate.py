@@ -105,7 +105,7 @@ class Generator:
 
             weights = merged_checkpoint(self.settings, base.path, checkpoints, plan.merge_method, self.dtype,
                                         plan.density, plan.seed)
-            identity = f"merge:{weights.stem}"
+            identity = f"merge:{file_identity(weights)}"
         else:
             weights, identity = base.path, f"base:{file_identity(base.path)}"
         report("merge", 1, 1)

@@ -436,6 +436,9 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     ``from_single_file(path, config=<base dir>)`` loads.
     """
     dtype = dtype or settings.resolved_dtype()
+    swapped = _swap_in(Path(base), experts, method, settings.allow_pickle)
+    if swapped is not None:
+        return swapped
     hashes = Path(settings.data_dir) / "cache" / "sha256.json"
     base_digest = source_digest(Path(base), hashes)
     expert_digests = [(source_digest(Path(p), hashes), w) for p, w in experts]
@@ -446,6 +449,28 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     provenance = {"base_sha256": base_digest, "expert_sha256": [d for d, _ in expert_digests], "cache_key": key}
     return merge_checkpoints(Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed,
                              progress, allow_pickle=settings.allow_pickle, provenance=provenance)
+
+
+def _swap_in(base: Path, experts: list[tuple[Path, float]], method: str, allow_pickle: bool) -> Path | None:
+    """The expert file itself when the merge would reproduce it: one complete single-file checkpoint at
+    weight 1.0 under task arithmetic or weighted average (θ_base + 1·(θ_e − θ_base) = θ_e).
+
+    Calibration swaps every checkpoint in this way; without the shortcut each one would leave a
+    full-size merged copy in the cache.
+    """
+    if len(experts) != 1 or float(experts[0][1]) != 1.0 or method not in {"task_arithmetic", "weighted_average"}:
+        return None
+    expert = Path(experts[0][0])
+    if not expert.is_file() or expert.suffix != ".safetensors":
+        return None
+    with open_source(base, allow_pickle=allow_pickle) as src, \
+            open_source(expert, allow_pickle=allow_pickle, family=src.family.name) as exp:
+        if exp.layout != "single_file":
+            return None
+        refs = align(src, exp)  # same family and shapes, or the clear error the merge would give
+        if not all(ref.file is exp.files[""] for ref in refs.values()):
+            return None  # a partial (e.g. UNet-only) expert still needs the base's other components
+    return expert
 
 
 def read_recipe(path: Path) -> dict[str, Any] | None:

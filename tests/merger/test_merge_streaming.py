@@ -166,3 +166,36 @@ def test_fp16_inputs_accumulate_in_fp32(zoo: TinyZoo, tmp_path: Path, method: st
             continue
         want = merge_tensor(method, value.float(), [e[key].float() for e in experts], weights, 0.6, 2, key)
         assert got[key].dtype == torch.float32 and torch.equal(got[key], want), key
+
+
+@pytest.mark.parametrize("base_attr", ["base_file", "base_dir"])
+def test_one_checkpoint_at_full_weight_is_swapped_in_without_a_copy(zoo: TinyZoo, settings, base_attr: str) -> None:
+    base = getattr(zoo, base_attr)
+    expert = zoo.checkpoints[0]
+    swapped = merged_checkpoint(settings, base, [(expert, 1.0)], "task_arithmetic", dtype="fp32")
+    assert swapped == expert
+    assert not (settings.data_dir / "cache" / "merges").exists()
+    # the merge it stands for gives the expert's own tensors (up to fp32 rounding of θb + (θe − θb))
+    merged = merge_mod.merge_checkpoints(zoo.base_file, [(expert, 1.0)], "task_arithmetic",
+                                         settings.data_dir / "explicit.safetensors", "fp32")
+    want, got = load_file(expert), load_file(merged)
+    for key, tensor in want.items():
+        if key in got:
+            assert torch.allclose(got[key], tensor, atol=1e-5), key
+    # any other weight still merges into the cache
+    half = merged_checkpoint(settings, base, [(expert, 0.5)], "task_arithmetic", dtype="fp32")
+    assert half.parent == settings.data_dir / "cache" / "merges"
+
+
+def test_swap_in_still_rejects_an_incompatible_expert(zoo: TinyZoo, settings, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from merger.errors import IncompatibleExpert
+
+    tensors = load_file(zoo.checkpoints[0])
+    key = next(k for k in sorted(tensors) if k.startswith("model.diffusion_model.") and tensors[k].ndim == 4)
+    tensors[key] = torch.zeros(3, 3, 3, 3)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    with pytest.raises(IncompatibleExpert, match="bad.safetensors"):
+        merged_checkpoint(settings, zoo.base_file, [(bad, 1.0)], "task_arithmetic", dtype="fp32")
