@@ -92,6 +92,39 @@ class GraphStats:
         return {"nodes": dict(self.nodes), "relationships": dict(self.relationships)}
 
 
+_NO_COMMERCIAL = {"", "none", "false", "no", "0"}
+
+
+def commercial_use_ok(value: str) -> bool:
+    """Whether a source's ``allow_commercial_use`` value permits some commercial use (empty, ``None``,
+    ``false``... or an empty ``{}``/``[]`` list do not). Both backends filter candidates by this rule."""
+    return value.strip().strip("{}[]").lower() not in _NO_COMMERCIAL
+
+
+def check_vector(owner: str, vector: Sequence[float] | np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """A finite, non-empty 1-d vector, else ``GraphError`` naming ``owner``."""
+    arr = np.asarray(vector, dtype=dtype).reshape(-1)
+    if arr.size == 0:
+        raise GraphError(f"{owner}: empty embedding")
+    if not np.all(np.isfinite(arr)):
+        raise GraphError(f"{owner}: embedding has non-finite values")
+    return arr
+
+
+def unique_experts(experts: Sequence[Expert]) -> dict[str, Expert]:
+    """The batch of an ``upsert_experts`` call validated and keyed by id (the last record of an id wins)."""
+    batch: dict[str, Expert] = {}
+    for expert in experts:
+        if not isinstance(expert, Expert):
+            raise GraphError(f"upsert_experts expects Expert records, got {type(expert).__name__}")
+        if expert.embedding is not None and len(expert.embedding) == 0:
+            expert = expert.model_copy(update={"embedding": None})
+        if expert.embedding is not None:
+            check_vector(f"expert {expert.id!r}", expert.embedding)
+        batch[expert.id] = expert
+    return batch
+
+
 @runtime_checkable
 class GraphStore(Protocol):
     """What every backend provides. Methods raise ``GraphError`` (or ``NotFoundError``) on bad input."""

@@ -45,13 +45,15 @@ from graphdb.store import (
     GraphError,
     GraphStats,
     UpsertResult,
+    check_vector,
+    commercial_use_ok,
+    unique_experts,
 )
 from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
 
 DEFAULT_DIM = 384
 SCORE_DECIMALS = 6  # CAPABILITY/SIMILAR_TO scores are 32-bit floats (bulk COPY is 2.5x faster than DOUBLE)
 _CALIBRATION_FIELDS = ("calibrated_at", "ref_set_version", "scorer_version")
-_NO_COMMERCIAL = {"", "none", "false", "no", "0"}
 
 # (column, DDL type, arrow type); the order is the COPY order (id first)
 _EXPERT_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
@@ -227,19 +229,6 @@ def _kind_group(kind: ExpertKind | str | None) -> str | None:
         return ExpertKind(str(kind).lower()).label
     except ValueError as exc:
         raise GraphError(f"unknown expert kind {kind!r}; use one of {[k.value for k in ExpertKind]}") from exc
-
-
-def _commercial_ok(value: str) -> bool:
-    return value.strip().strip("{}[]").lower() not in _NO_COMMERCIAL
-
-
-def _check_vector(owner: str, vector: Sequence[float] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if arr.size == 0:
-        raise GraphError(f"{owner}: empty embedding")
-    if not np.all(np.isfinite(arr)):
-        raise GraphError(f"{owner}: embedding has non-finite values")
-    return arr
 
 
 def _record_json(expert: Expert) -> str:
@@ -454,15 +443,7 @@ class EmbeddedGraphStore:
         Counts by ``content_hash``; a changed hash clears stored calibration fields (the expert needs
         recalibration) unless the incoming record sets them.
         """
-        batch: dict[str, Expert] = {}
-        for expert in experts:
-            if not isinstance(expert, Expert):
-                raise GraphError(f"upsert_experts expects Expert records, got {type(expert).__name__}")
-            if expert.embedding is not None and len(expert.embedding) == 0:
-                expert = expert.model_copy(update={"embedding": None})
-            if expert.embedding is not None:
-                _check_vector(f"expert {expert.id!r}", expert.embedding)
-            batch[expert.id] = expert  # last record of an id wins
+        batch = unique_experts(experts)
         if not batch:
             return UpsertResult()
         ids = list(batch)
@@ -614,7 +595,7 @@ class EmbeddedGraphStore:
                 dims.append(
                     (
                         f"reference prompt {p.id!r}",
-                        _check_vector(f"reference prompt {p.id!r}", p.embedding).size,
+                        check_vector(f"reference prompt {p.id!r}", p.embedding).size,
                     )
                 )
         self._claim_dim(dims)
@@ -846,7 +827,7 @@ class EmbeddedGraphStore:
             labels=column("label", ""),
             families=column("family", ""),
             nsfw=column("nsfw", False).astype(bool),
-            commercial=np.asarray([_commercial_ok(v) for v in column("commercial", "")], dtype=bool),
+            commercial=np.asarray([commercial_use_ok(v) for v in column("commercial", "")], dtype=bool),
             derivatives=column("derivatives", True).astype(bool),
             nodes={
                 i: self._expert_node({"id": i, "kind": k, "name": n, "base_family": f, "popularity": p})
@@ -893,7 +874,7 @@ class EmbeddedGraphStore:
         filters: CandidateFilter | None = None,
     ) -> list[Candidate]:
         """Top-``k`` experts by cosine similarity, best first, ties broken by id."""
-        query = _check_vector("query", embedding)
+        query = check_vector("query", embedding)
         f = filters or CandidateFilter()
         bank = self._bank()
         rows, matrix = bank.slice(_kind_group(kind), base_family or None)
@@ -982,7 +963,7 @@ class EmbeddedGraphStore:
         embeddings = np.vstack(blocks)
         sub = Subgraph(nodes=nodes, edges=list(edges.values()), embeddings=embeddings)
         if prompt_embedding is not None:
-            query = _check_vector("prompt", prompt_embedding)
+            query = check_vector("prompt", prompt_embedding)
             if query.size != dim:
                 raise GraphError(f"prompt embedding has {query.size} dimensions, the graph stores {dim}")
             sub = sub.with_prompt("", query)

@@ -34,6 +34,9 @@ from graphdb.store import (
     GraphStats,
     GraphUnavailable,
     UpsertResult,
+    check_vector,
+    commercial_use_ok,
+    unique_experts,
 )
 from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
 
@@ -44,19 +47,12 @@ BATCH_ROWS = 1000  # rows per UNWIND statement
 MAX_VECTOR_FETCH = 10_000  # largest vector-index pool before candidates() switches to exact search
 MAX_PROMPT_CHARS = 20_000
 _CALIBRATION_FIELDS = ("calibrated_at", "ref_set_version", "scorer_version")
-_NO_COMMERCIAL = {"", "none", "false", "no", "0"}
 # CAPABILITY properties that are not metrics (metrics are stored flat beside them, readable in Browser)
 _CAPABILITY_FIELDS = ("score", "n_images", "calibrated_at", "ref_set_version")
 _INTERNAL_EXPERT_PROPS = ("files_json", "record_hash", "commercial_use_ok")
 
 
 # ------------------------------------------------------------------------------------ pure row mapping
-
-
-def commercial_use_ok(value: str) -> bool:
-    """Whether a source's ``allow_commercial_use`` value permits some commercial use (same rule as the
-    embedded backend: empty, ``None``, ``false``... or an empty ``{}``/``[]`` list do not)."""
-    return value.strip().strip("{}[]").lower() not in _NO_COMMERCIAL
 
 
 def record_hash(expert: Expert) -> str:
@@ -66,16 +62,6 @@ def record_hash(expert: Expert) -> str:
     if expert.embedding:
         digest.update(np.asarray(expert.embedding, dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-def check_vector(owner: str, vector: Sequence[float] | np.ndarray) -> np.ndarray:
-    """A finite, non-empty 1-d float vector, else ``GraphError`` naming ``owner``."""
-    arr = np.asarray(vector, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        raise GraphError(f"{owner}: empty embedding")
-    if not np.all(np.isfinite(arr)):
-        raise GraphError(f"{owner}: embedding has non-finite values")
-    return arr
 
 
 def to_native(value: Any) -> Any:
@@ -452,15 +438,7 @@ class Neo4jGraphStore:
         Counts by ``content_hash`` (by the whole record when it is empty); a changed hash clears stored
         calibration fields unless the incoming record sets them.
         """
-        batch: dict[str, Expert] = {}
-        for expert in experts:
-            if not isinstance(expert, Expert):
-                raise GraphError(f"upsert_experts expects Expert records, got {type(expert).__name__}")
-            if expert.embedding is not None and len(expert.embedding) == 0:
-                expert = expert.model_copy(update={"embedding": None})
-            if expert.embedding is not None:
-                check_vector(f"expert {expert.id!r}", expert.embedding)
-            batch[expert.id] = expert  # last record of an id wins
+        batch = unique_experts(experts)
         if not batch:
             return UpsertResult()
         self._check_dims((f"expert {e.id!r}", len(e.embedding)) for e in batch.values() if e.embedding)
