@@ -16,6 +16,7 @@ the expert (``base_model``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,6 +123,16 @@ def unique_experts(experts: Sequence[Expert]) -> dict[str, Expert]:
         if expert.embedding is not None:
             check_vector(f"expert {expert.id!r}", expert.embedding)
         batch[expert.id] = expert
+    return batch
+
+
+def unique_capabilities(capabilities: Sequence[Capability]) -> dict[tuple[str, str], Capability]:
+    """The batch of a ``write_capabilities`` call validated and keyed by (expert, prompt); the last wins."""
+    batch: dict[tuple[str, str], Capability] = {}
+    for cap in capabilities:
+        if not math.isfinite(cap.score) or not all(math.isfinite(v) for v in cap.metrics.values()):
+            raise GraphError(f"capability {cap.expert_id!r} -> {cap.prompt_id!r}: non-finite score or metric")
+        batch[(cap.expert_id, cap.prompt_id)] = cap
     return batch
 
 

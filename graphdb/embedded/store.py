@@ -47,6 +47,7 @@ from graphdb.store import (
     UpsertResult,
     check_vector,
     commercial_use_ok,
+    unique_capabilities,
     unique_experts,
 )
 from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
@@ -645,13 +646,7 @@ class EmbeddedGraphStore:
 
     def write_capabilities(self, capabilities: Sequence[Capability]) -> int:
         """Replace the CAPABILITY edge of each (expert, prompt) pair; all-or-nothing on unknown ids."""
-        batch: dict[tuple[str, str], Capability] = {}
-        for cap in capabilities:
-            if not math.isfinite(cap.score) or not all(math.isfinite(v) for v in cap.metrics.values()):
-                raise GraphError(
-                    f"capability {cap.expert_id!r} -> {cap.prompt_id!r}: non-finite score or metric"
-                )
-            batch[(cap.expert_id, cap.prompt_id)] = cap  # last of a pair wins
+        batch = unique_capabilities(capabilities)
         if not batch:
             return 0
         expert_ids = sorted({e for e, _ in batch})

@@ -36,6 +36,7 @@ from graphdb.store import (
     UpsertResult,
     check_vector,
     commercial_use_ok,
+    unique_capabilities,
     unique_experts,
 )
 from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
@@ -543,13 +544,7 @@ class Neo4jGraphStore:
 
     def write_capabilities(self, capabilities: Sequence[Capability]) -> int:
         """One CAPABILITY edge per (expert, prompt), all properties replaced; all-or-nothing on unknown ids."""
-        batch: dict[tuple[str, str], Capability] = {}
-        for cap in capabilities:
-            if not math.isfinite(cap.score) or not all(math.isfinite(v) for v in cap.metrics.values()):
-                raise GraphError(
-                    f"capability {cap.expert_id!r} -> {cap.prompt_id!r}: non-finite score or metric"
-                )
-            batch[(cap.expert_id, cap.prompt_id)] = cap  # last of a pair wins
+        batch = unique_capabilities(capabilities)
         if not batch:
             return 0
         rows = [{"expert_id": e, "prompt_id": p, "props": capability_props(c)} for (e, p), c in batch.items()]
