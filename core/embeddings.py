@@ -32,10 +32,26 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-class SentenceTransformerEmbedder:
-    """A local sentence-transformers model directory (never downloads)."""
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 in hardware (emulated bf16 on older CPUs is slower than fp32)."""
+    import torch
 
-    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu") -> None:
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private helpers; absent means unknown, and fp32 is the safe answer
+        return False
+
+
+class SentenceTransformerEmbedder:
+    """A local sentence-transformers model directory (never downloads).
+
+    ``precision="bf16"`` runs the encoder under bf16 autocast (weights and layer norms stay fp32); the
+    returned vectors are fp32 either way.
+    """
+
+    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", precision: str = "auto") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
@@ -44,12 +60,18 @@ class SentenceTransformerEmbedder:
         self.dim = int(self._model.get_embedding_dimension())
         self._batch = batch_size
         self._lock = threading.Lock()
+        self._device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.precision = ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         clipped = [t[:MAX_EMBED_CHARS] for t in texts]
-        with self._lock:  # the tokenizer is not thread-safe
+        bf16 = self.precision == "bf16"
+        with self._lock, torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=bf16):
+            # the lock: the tokenizer is not thread-safe
             out = self._model.encode(
                 clipped, batch_size=self._batch, convert_to_numpy=True, normalize_embeddings=True
             )
@@ -86,11 +108,11 @@ def default_model_path() -> str:
 
 
 @lru_cache(maxsize=4)
-def _cached(model: str, base_url: str, api_key: str, batch: int, device: str) -> Embedder:
+def _cached(model: str, base_url: str, api_key: str, batch: int, device: str, precision: str) -> Embedder:
     if model.startswith("openai:"):
         return OpenAIEmbedder(model.split(":", 1)[1], base_url, api_key, batch)
     path = default_model_path() if model == DEFAULT_EMBEDDING_MODEL else model
-    return SentenceTransformerEmbedder(path, batch, device)
+    return SentenceTransformerEmbedder(path, batch, device, precision)
 
 
 def get_embedder(settings: Settings) -> Embedder:
@@ -102,4 +124,5 @@ def get_embedder(settings: Settings) -> Embedder:
         settings.llm_api_key.get_secret_value(),
         settings.embedding_batch_size,
         device,
+        settings.embedding_precision,
     )

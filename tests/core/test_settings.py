@@ -29,6 +29,7 @@ def test_defaults_are_offline_and_embedded(settings: Settings) -> None:
         ("DIFFGRAPH_LLM_BASE_URL", "llm_base_url", "http://127.0.0.1:9/v1"),
         ("DIFFGRAPH_LLM_MODEL", "llm_model", "m"),
         ("DIFFGRAPH_EMBEDDING_MODEL", "embedding_model", "/models/minilm"),
+        ("DIFFGRAPH_EMBEDDING_PRECISION", "embedding_precision", "fp32"),
         ("DIFFGRAPH_DEVICE", "device", "cuda:1"),
     ],
 )

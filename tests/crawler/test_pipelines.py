@@ -162,3 +162,78 @@ def test_enqueue_is_a_no_op_without_broker(settings, weights) -> None:
     item.status = "new"
     assert EnqueueCalibrationPipeline.from_crawler(crawler).process_item(item) is item
     assert crawler.stats.get_value("diffgraph/enqueued") is None
+
+
+_TRY_OPEN = """
+import sys
+from graphdb.embedded.store import EmbeddedGraphStore
+from graphdb.store import GraphUnavailable
+try:
+    EmbeddedGraphStore(sys.argv[1], lock_timeout_s=1.0).close()
+except GraphUnavailable as exc:
+    print("locked" if "locked by another process" in str(exc) else f"error {exc}")
+else:
+    print("opened")
+"""
+
+
+def _other_process_open(path: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", _TRY_OPEN, path], capture_output=True, text=True, cwd=root,
+                         timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def test_graph_stage_holds_the_store_across_batches_then_hands_it_back(settings, weights, monkeypatch) -> None:
+    import asyncio
+
+    from crawler.pipelines import graph
+    from graphdb.store import store_session
+
+    monkeypatch.setattr(graph, "IDLE_CLOSE_S", 0.3)
+    crawler = _crawler(settings)
+    pipe = graph.GraphUpsertPipeline.from_crawler(crawler)
+    items = [_through(crawler, _record(civitai_item_for(weights(f"g{i}.safetensors", seed=i), version_id=90 + i)))
+             for i in range(3)]
+    path = settings.effective_graph_url.split("://", 1)[1]
+    seen: dict[str, object] = {}
+
+    async def two_batches_then_idle() -> None:
+        pipe.flush(items[:2])
+        first = pipe._store
+        pipe.flush(items[2:])
+        seen["held"], seen["reused"] = first is not None, pipe._store is first
+        seen["while_held"] = _other_process_open(path)  # blocks the loop, so the idle timer cannot fire
+        await asyncio.sleep(0.6)
+        seen["after_idle"] = pipe._store
+
+    asyncio.run(two_batches_then_idle())
+    assert seen["held"] and seen["reused"]
+    assert seen["while_held"] == "locked"
+    assert seen["after_idle"] is None
+    assert _other_process_open(path) == "opened"
+    assert [i.status for i in items] == ["new"] * 3
+    with store_session(settings) as store:
+        assert store.stats().nodes["Expert"] == 3
+
+
+def test_graph_stage_hands_the_store_back_after_the_hold_limit(settings, weights, monkeypatch) -> None:
+    import asyncio
+
+    from crawler.pipelines import graph
+
+    monkeypatch.setattr(graph, "HOLD_MAX_S", 0.0)
+    crawler = _crawler(settings)
+    pipe = graph.GraphUpsertPipeline.from_crawler(crawler)
+    item = _through(crawler, _record(civitai_item_for(weights("h.safetensors"), version_id=95)))
+
+    async def one_batch() -> object:
+        pipe.flush([item])
+        return pipe._store
+
+    assert asyncio.run(one_batch()) is None
+    assert item.status == "new"
