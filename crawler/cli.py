@@ -18,9 +18,13 @@ def crawl_command(
     base_model: str | None = typer.Option(None, "--base-model", help='Source base model, e.g. "SD 1.5".'),
     kind: str | None = typer.Option(None, "--kind", help="checkpoint, lora or locon."),
     since: str | None = typer.Option(None, "--since", help="Only versions created since this ISO date."),
+    version_id: list[str] | None = typer.Option(
+        None, "--version-id", help="civitai only: refresh these model versions (repeatable) instead of the listing."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
-    """Crawl a source into the expert graph (incremental: known, unchanged versions are skipped)."""
+    """Crawl a source into the expert graph (incremental: known, unchanged versions are skipped; a run that
+    stopped early, at --limit or on a broken page, is continued by the next one)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -39,7 +43,7 @@ def crawl_command(
                                               f"{s.skipped} skipped, {s.failed} failed"))
 
             summary = crawl(settings, source, limit=limit, base_model=base_model, kind=kind, since=since,
-                            progress=tick, log_level="ERROR")
+                            version_ids=version_id or None, progress=tick, log_level="ERROR")
     if as_json:
         print_json(summary.to_dict())
         return

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
-from crawler.state import record_run
+from crawler.state import record_run, save_resume_point
 
 log = logging.getLogger(__name__)
 SOURCES = ("civitai", "huggingface")
@@ -127,6 +127,10 @@ def crawl(
         raise CrawlError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
     if kind is not None and kind not in {"checkpoint", "lora", "locon"}:
         raise CrawlError(f"unknown kind {kind!r}; choose checkpoint, lora or locon")
+    if version_ids and source != "civitai":
+        raise CrawlError("refreshing by version id is only available for civitai")
+    if version_ids and not all(v.isdigit() for v in version_ids):
+        raise CrawlError(f"Civitai version ids are numbers, got {', '.join(repr(v) for v in version_ids)}")
     if subprocess or _reactor_used:
         return _crawl_in_child(settings, source, limit, base_model, kind, since, version_ids)
     return _crawl_here(settings, source, limit, base_model, kind, since, version_ids, progress,
@@ -150,6 +154,7 @@ def _crawl_here(
 
     from crawler.settings import scrapy_settings
     from crawler.spiders import SPIDERS
+    from crawler.spiders.base import LISTING, RESUME
 
     started = utcnow()
     process = CrawlerProcess(scrapy_settings(settings, limit, LOG_LEVEL=log_level))
@@ -174,9 +179,12 @@ def _crawl_here(
     _reactor_used = True
     process.crawl(crawler, **kwargs)
     process.start()
-    summary = CrawlSummary.from_stats(source, crawler.stats.get_stats() or {})
+    stats = crawler.stats.get_stats() or {}
+    summary = CrawlSummary.from_stats(source, stats)
     if errors:
         summary.error = errors[0]
+    if stats.get(RESUME) is not None and stats.get(LISTING):
+        save_resume_point(settings, source, stats[LISTING], stats[RESUME] or None)
     record_run(settings, source, summary.counts(), error=summary.error, started_at=started)
     return summary
 

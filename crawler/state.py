@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -13,14 +16,29 @@ from core.settings import Settings
 from core.types import utcnow
 
 SOURCES = ("civitai", "huggingface")
+log = logging.getLogger(__name__)
+_CURSOR_MAX = 1024  # the column's size
+
+
+def lifted_policies(settings: Settings) -> set[str]:
+    """Quarantine reasons that the current settings no longer apply (``nsfw`` once ``allow_nsfw`` is on)."""
+    return {"nsfw"} if settings.allow_nsfw else set()
 
 
 def known_hashes(settings: Settings, source: str) -> dict[str, str]:
     """``{version id: content hash}`` of every version of ``source`` seen before (registered or
-    quarantined by policy): an unchanged one is not processed again."""
+    quarantined): an unchanged one is not processed again. Versions quarantined by a policy that the
+    settings have since lifted count as unknown, so the next crawl that meets them registers them."""
+    lifted = lifted_policies(settings)
     with session_scope(settings) as s:
-        rows = s.execute(select(CrawlItem.version_id, CrawlItem.content_hash).where(CrawlItem.source == source))
-        return {vid: h for vid, h in rows}
+        rows = s.execute(
+            select(CrawlItem.version_id, CrawlItem.content_hash, CrawlItem.status, CrawlItem.reason)
+            .where(CrawlItem.source == source)
+        )
+        return {
+            vid: h for vid, h, status, reason in rows
+            if not (status == "quarantined" and (reason or "").split(":", 1)[0] in lifted)
+        }
 
 
 def known_sha256(settings: Settings) -> dict[str, str]:
@@ -66,8 +84,42 @@ def record_run(
         row.last_finished_at = utcnow()
 
 
-def advance_watermark(settings: Settings, source: str, watermark: datetime | None, cursor: str | None) -> None:
-    """Move the source's watermark forward (never back) and remember where paging stopped."""
+def listing_key(first_page_url: str) -> str:
+    """Identifies one listing query (filters included): a resume point belongs to the listing it was left in."""
+    return hashlib.sha256(first_page_url.encode()).hexdigest()[:16]
+
+
+def resume_point(settings: Settings, source: str, listing: str) -> str | None:
+    """The listing page where the walk of ``listing`` left off in an earlier run, if it did not finish."""
+    with session_scope(settings) as s:
+        row = s.get(CrawlState, source)
+        raw = row.cursor if row is not None else None
+    try:
+        saved = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if isinstance(saved, dict) and saved.get("listing") == listing and isinstance(saved.get("url"), str):
+        return saved["url"]
+    return None
+
+
+def save_resume_point(settings: Settings, source: str, listing: str, url: str | None) -> None:
+    """Remember where the walk of ``listing`` should continue (``None``: it reached the end)."""
+    cursor = json.dumps({"listing": listing, "url": url}) if url else None
+    if cursor is not None and len(cursor) > _CURSOR_MAX:
+        log.warning("resume URL of %s longer than %d characters; the next run starts from the head", source,
+                    _CURSOR_MAX)
+        cursor = None
+    with session_scope(settings) as s:
+        row = s.get(CrawlState, source)
+        if row is None:
+            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
+            s.add(row)
+        row.cursor = cursor
+
+
+def advance_watermark(settings: Settings, source: str, watermark: datetime | None) -> None:
+    """Move the source's watermark forward (never back)."""
     with session_scope(settings) as s:
         row = s.get(CrawlState, source)
         if row is None:
@@ -76,7 +128,6 @@ def advance_watermark(settings: Settings, source: str, watermark: datetime | Non
         current = _aware(row.watermark)
         if watermark is not None and (current is None or _aware(watermark) > current):
             row.watermark = _aware(watermark)
-        row.cursor = cursor
 
 
 def _aware(dt: datetime | None) -> datetime | None:

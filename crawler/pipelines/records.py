@@ -59,7 +59,7 @@ class SqlRecordsPipeline(BatchStage):
                 row.content_hash = item.content_hash
                 row.last_seen_at = now
                 row.status = "quarantined"
-                row.reason = message
+                row.reason = f"{reason}: {message}"  # the code first: ``known_hashes`` reads it
         self.quarantine = []
 
     def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:
@@ -126,6 +126,5 @@ class SqlRecordsPipeline(BatchStage):
     def close_spider(self) -> None:
         super().close_spider()
         self._write_quarantine()
-        stopped = self.stats.get_value("diffgraph/stopped_at")
         for source, mark in self.watermarks.items():
-            advance_watermark(self.settings, source, mark, cursor=str(stopped) if stopped else None)
+            advance_watermark(self.settings, source, mark)

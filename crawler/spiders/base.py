@@ -1,4 +1,13 @@
-"""What both spiders share: robust JSON pages, failure counting, incremental stop rules."""
+"""What both spiders share: robust JSON pages, failure counting, the incremental walk of a listing.
+
+A listing is walked newest first. The walk stops at the first page whose versions are all known and
+unchanged (the head has caught up with earlier runs), at ``--since``, at the run's item limit, or at the
+end. A run that ends before the end of the listing (the item limit, a page that failed for good) leaves a
+*resume point*: the first listing page it did not finish. The next run first walks the head, then, once it
+meets known versions, continues from the resume point without stopping at known pages. So a scheduled
+ingestion with a per-run limit backfills the whole listing over successive runs, and a broken page is
+fetched again instead of being lost behind pages that are already known.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +23,13 @@ from twisted.python.failure import Failure
 
 from core.settings import Settings
 from crawler.normalize.dates import parse_datetime
-from crawler.state import known_hashes
+from crawler.state import known_hashes, listing_key, resume_point
 
 log = logging.getLogger(__name__)
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
+STOPPED = "diffgraph/stopped_at"
+LISTING = "diffgraph/listing"  # which listing (source query) this run walked
+RESUME = "diffgraph/resume"  # where the next run continues that walk ("" = it reached the end)
 
 
 class SourceSpider(scrapy.Spider):
@@ -43,13 +55,64 @@ class SourceSpider(scrapy.Spider):
             raise ValueError(f"--since must be an ISO date such as 2024-01-31, got {since!r}")
         self.emitted = 0
         self.known: dict[str, str] = {}
+        self.listing = ""
+        self.resume_from: str | None = None
+        self.backfilling = False
+        self.left_on_page = 0  # versions of the current listing page refused by the item limit
 
     @property
     def app_settings(self) -> Settings:
         return self.settings["DIFFGRAPH_SETTINGS"]
 
+    def first_page_url(self) -> str:
+        raise NotImplementedError
+
     def load_known(self) -> None:
         self.known = known_hashes(self.app_settings, self.source)
+        self.listing = listing_key(self.first_page_url())
+        self.crawler.stats.set_value(LISTING, self.listing)
+        self.resume_from = resume_point(self.app_settings, self.source, self.listing)
+        self.backfilling = False
+
+    # the listing walk ---------------------------------------------------------------------------
+    def listing_request(self, url: str, **kwargs: Any) -> Request:
+        return Request(url, callback=self.parse, errback=self.on_error, meta={"listing": True}, **kwargs)
+
+    def after_page(self, url: str, seen: int, unchanged: int, old: int, next_url: str | None) -> Iterator[Request]:
+        """Where the walk goes after a parsed listing page (``seen`` versions: ``unchanged`` known ones,
+        ``old`` ones before ``--since``); records the resume point when the run ends before the end."""
+        stats = self.crawler.stats
+        left, self.left_on_page = self.left_on_page, 0
+        if url == self.resume_from:
+            self.backfilling = True
+        everything_seen = seen > 0 and unchanged + old == seen
+        if everything_seen and not self.backfilling:
+            stats.set_value(STOPPED, "known_versions" if unchanged else "since")
+            if unchanged and self.resume_from:  # the head is caught up: go on with the unfinished walk
+                self.backfilling = True
+                stats.set_value("diffgraph/backfill_from", self.resume_from)
+                yield self.listing_request(self.resume_from, dont_filter=True)
+            return
+        if everything_seen and old:  # the unfinished walk reached versions older than --since
+            stats.set_value(STOPPED, "since")
+            return
+        if self.limit_reached:
+            stats.set_value(STOPPED, "limit")
+            # continue on this page if the limit cut it, else on the next one
+            stats.set_value(RESUME, url if left else next_url or "")
+            return
+        if next_url:
+            if next_url == self.resume_from:
+                self.backfilling = True
+            yield self.listing_request(next_url)
+        else:
+            stats.set_value(STOPPED, "end_of_listing")
+            stats.set_value(RESUME, "")
+
+    def listing_failed(self, url: str) -> None:
+        """A listing page failed for good: the walk ends here, and the next run starts again from it."""
+        self.crawler.stats.set_value(RESUME, url)
+        self.crawler.stats.set_value(STOPPED, "page_error")
 
     # counting ----------------------------------------------------------------------------------
     def count(self, outcome: str, reason: str, n: int = 1) -> None:
@@ -63,6 +126,7 @@ class SourceSpider(scrapy.Spider):
     def take(self) -> bool:
         """Reserve one item slot of the run's limit."""
         if self.limit_reached:
+            self.left_on_page += 1
             return False
         self.emitted += 1
         return True
@@ -85,6 +149,8 @@ class SourceSpider(scrapy.Spider):
                 return None, response.request.replace(dont_filter=True, meta=meta)
             log.error("unparseable JSON from %s after %d tries: %s", response.url, tries + 1, exc)
             self.count("failed", "broken_page")
+            if response.meta.get("listing"):
+                self.listing_failed(response.url)
             return None, None
 
     def on_error(self, failure: Failure) -> Iterator[Any]:
@@ -92,4 +158,6 @@ class SourceSpider(scrapy.Spider):
         request = getattr(failure, "request", None)
         log.error("giving up on %s: %s", getattr(request, "url", "?"), failure.getErrorMessage())
         self.count("failed", "page_error")
+        if request is not None and request.meta.get("listing"):
+            self.listing_failed(request.url)
         return iter(())

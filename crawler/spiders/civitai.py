@@ -21,7 +21,7 @@ class CivitaiSpider(SourceSpider):
     """One item per model *version* (versions carry files, hashes, trained words and the base model).
 
     Pages come newest first (``sort=Newest``); a page whose versions are all known and unchanged ends the
-    crawl (everything older was seen by an earlier run). ``version_ids`` switches to refresh mode: each
+    crawl, unless an earlier run left an unfinished walk (see ``SourceSpider``). ``version_ids`` switches to refresh mode: each
     version is fetched from ``/model-versions/{id}`` and completed with its model from ``/models/{id}``.
 
     @url https://civitai.com/api/v1/models?types=LORA&sort=Newest&limit=100
@@ -55,7 +55,7 @@ class CivitaiSpider(SourceSpider):
             for vid in self.version_ids:
                 yield Request(f"{self.api}/model-versions/{vid}", callback=self.parse_version, errback=self.on_error)
         else:
-            yield Request(self.first_page_url(), callback=self.parse, errback=self.on_error)
+            yield self.listing_request(self.first_page_url())
 
     # listing --------------------------------------------------------------------------------------
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
@@ -67,6 +67,7 @@ class CivitaiSpider(SourceSpider):
         items = data.get("items") if isinstance(data, dict) else None
         if not isinstance(items, list):
             self.count("failed", "broken_page")
+            self.listing_failed(response.url)
             return
         seen = unchanged = old = 0
         for model in items:
@@ -80,15 +81,7 @@ class CivitaiSpider(SourceSpider):
                     self.count("skipped", "unchanged")
                 elif self.take():
                     yield record
-        if seen and unchanged + old == seen:
-            self.crawler.stats.set_value("diffgraph/stopped_at", "known_versions" if unchanged else "since")
-            return
-        if self.limit_reached:
-            self.crawler.stats.set_value("diffgraph/stopped_at", "limit")
-            return
-        next_url = self.next_page(data.get("metadata"), response.url)
-        if next_url:
-            yield Request(next_url, callback=self.parse, errback=self.on_error)
+        yield from self.after_page(response.url, seen, unchanged, old, self.next_page(data.get("metadata"), response.url))
 
     def next_page(self, metadata: object, current: str) -> str | None:
         """``metadata.nextPage`` as given; else the current URL with ``cursor=metadata.nextCursor``."""

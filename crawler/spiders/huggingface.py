@@ -56,7 +56,7 @@ class HuggingFaceSpider(SourceSpider):
 
     async def start(self) -> AsyncIterator[Request]:
         self.load_known()
-        yield Request(self.first_page_url(), callback=self.parse, errback=self.on_error)
+        yield self.listing_request(self.first_page_url())
 
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         data, retry = self.load_json(response)
@@ -66,6 +66,7 @@ class HuggingFaceSpider(SourceSpider):
             return
         if not isinstance(data, list):
             self.count("failed", "broken_page")
+            self.listing_failed(response.url)
             return
         seen = unchanged = old = 0
         for info in data:
@@ -87,15 +88,7 @@ class HuggingFaceSpider(SourceSpider):
                     errback=self.on_error,
                     cb_kwargs={"repo_id": repo_id},
                 )
-        if seen and unchanged + old == seen:
-            self.crawler.stats.set_value("diffgraph/stopped_at", "known_versions" if unchanged else "since")
-            return
-        if self.limit_reached:
-            self.crawler.stats.set_value("diffgraph/stopped_at", "limit")
-            return
-        nxt = next_link(response.headers.get(b"Link"))
-        if nxt:
-            yield Request(nxt, callback=self.parse, errback=self.on_error)
+        yield from self.after_page(response.url, seen, unchanged, old, next_link(response.headers.get(b"Link")))
 
     def parse_info(self, response: Response, repo_id: str) -> Iterator[Any]:
         data, retry = self.load_json(response)

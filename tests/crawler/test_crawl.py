@@ -102,7 +102,20 @@ def test_civitai_crawl_failures_idempotency_and_incremental(settings, weights) -
         state = get_state(settings, "civitai")
         assert state["runs"] == 1 and state["total_new"] == first.new and state["watermark"] is not None
 
-        # re-crawl: nothing new, nothing duplicated, one request
+        assert first.stopped_at == "page_error"
+
+        # re-crawl: page 1 is known, so the run goes straight on from the page that broke (served now)
+        before = len(server.requests)
+        recovering = crawl(cfg, "civitai", subprocess=True)
+        assert recovering.stopped_at == "end_of_listing" and recovering.updated == 0
+        assert server.requests[before:] == [server.requests[0], server.requests[-1]]
+        assert last_cursor in server.requests[-1]
+        experts, graph_stats = _experts(settings)
+        recovered = {f"civitai:{v['id']}" for m in last_page for v in m.get("modelVersions", [])}
+        assert recovered and recovered <= set(experts)
+        assert recovering.new == len(experts) - first.new == graph_stats["nodes"]["Expert"] - first.new
+
+        # and again: nothing new, nothing duplicated, one request
         before = len(server.requests)
         again = crawl(cfg, "civitai", subprocess=True)
         assert (again.new, again.updated) == (0, 0)
@@ -123,7 +136,7 @@ def test_civitai_crawl_failures_idempotency_and_incremental(settings, weights) -
         experts3, stats3 = _experts(settings)
         assert stats3["nodes"]["Expert"] == graph_stats["nodes"]["Expert"] + 3
         assert experts3[served.id].trained_words == ["inkwash", "sumi-e"]
-        assert get_state(settings, "civitai")["runs"] == 3
+        assert get_state(settings, "civitai")["runs"] == 4
         with session_scope(settings) as s:
             registered = select(func.count()).select_from(CrawlItem).where(CrawlItem.status == "registered")
             assert s.scalar(registered) == len(experts3)
@@ -180,3 +193,76 @@ def test_huggingface_crawl_via_cli(settings, weights) -> None:
 
         proc = _cli("download", "huggingface:nobody/nothing", env=env)
         assert proc.returncode == 1 and "nobody/nothing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_limited_runs_backfill_the_whole_listing(settings, weights) -> None:
+    """Scheduled ingestion with a per-run limit: each run catches up with the head, then continues where the
+    previous run's limit cut the walk, until the whole listing is registered; then runs stop at the head."""
+    models = [hf_model_for(f"user/lora-{i}", {"w.safetensors": weights(f"b{i}.safetensors", seed=60 + i)})
+              for i in range(7)]
+    with HFFixtureServer(models, page_size=3) as server:
+        cfg = settings.model_copy(update={"hf_url": server.hf_url})
+
+        def listing_pages() -> list[str]:
+            return [r for r in server.requests if r.startswith("/api/models?")]
+
+        runs = []
+        for _ in range(3):
+            before = len(listing_pages())
+            runs.append((crawl(cfg, "huggingface", limit=3, subprocess=True), listing_pages()[before:]))
+        (first, p1), (second, p2), (third, p3) = runs
+        assert (first.new, first.stopped_at) == (3, "limit") and len(p1) == 1
+        # page 1 is known: straight on to page 2 (the limit took all of page 1, so the walk resumes after it)
+        assert (second.new, second.stopped_at) == (3, "limit") and p2[0] == p1[0] and "cursor=3" in p2[1]
+        assert (third.new, third.stopped_at) == (1, "end_of_listing") and "cursor=6" in p3[1]
+        experts, stats = _experts(settings)
+        assert set(experts) == {f"huggingface:user/lora-{i}" for i in range(7)} and stats["nodes"]["Expert"] == 7
+
+        # the walk is complete: a run stops at the known head; a new repo at the head is picked up alone
+        before = len(listing_pages())
+        idle = crawl(cfg, "huggingface", limit=3, subprocess=True)
+        assert (idle.new, idle.stopped_at, len(listing_pages()) - before) == (0, "known_versions", 1)
+        server.models.insert(0, hf_model_for("user/fresh", {"w.safetensors": weights("f.safetensors", seed=70)}))
+        before = len(listing_pages())
+        fresh = crawl(cfg, "huggingface", subprocess=True)
+        assert (fresh.new, fresh.updated) == (1, 0) and len(listing_pages()) - before == 2
+        assert _experts(settings)[1]["nodes"]["Expert"] == 8
+
+
+def test_lifting_the_nsfw_policy_registers_quarantined_versions(settings, weights) -> None:
+    explicit = civitai_item_for(weights("e.safetensors", seed=80), name="Explicit version", model_id=9101)
+    explicit["modelVersions"][0]["nsfwLevel"] = 8 | 16  # listed under nsfw=false, flagged on the version
+    flagged = civitai_item_for(weights("m.safetensors", seed=81), name="NSFW model", nsfw=True, model_id=9102)
+    plain = civitai_item_for(weights("p.safetensors", seed=82), name="Plain", model_id=9103)
+    with CivitaiFixtureServer([explicit, flagged, plain]) as server:
+        cfg = settings.model_copy(update={"civitai_api_url": server.api_url})
+        strict = crawl(cfg, "civitai", subprocess=True)
+        assert (strict.new, strict.skipped_reasons.get("nsfw")) == (1, 1)
+        assert crawl(cfg, "civitai", subprocess=True).new == 0  # the quarantined version stays known
+
+        lifted = crawl(cfg.model_copy(update={"allow_nsfw": True}), "civitai", subprocess=True)
+        assert "nsfw=true" in server.requests[-1]
+        assert (lifted.new, lifted.skipped) == (2, 1)  # the two nsfw versions; "Plain" is unchanged
+        experts, _ = _experts(settings)
+        assert {e.name for e in experts.values()} == {"Explicit version", "NSFW model", "Plain"}
+
+
+def test_refresh_versions_via_cli(settings, weights) -> None:
+    items = [civitai_item_for(weights(f"v{i}.safetensors", seed=90 + i), name=f"Refreshable {i}", model_id=9200 + i)
+             for i in range(2)]
+    with CivitaiFixtureServer(items) as server:
+        env = {**os.environ, "DIFFGRAPH_CIVITAI_API_URL": server.api_url, "PYTHONPATH": str(ROOT)}
+        assert json.loads(_cli("crawl", "civitai", "--json", env=env).stdout)["new"] == 2
+        items[1]["modelVersions"][0]["trainedWords"] = ["fresh trigger"]
+        target = _version_id(items[1])
+        before = len(server.requests)
+        proc = _cli("crawl", "civitai", "--version-id", target, "--json", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (json.loads(proc.stdout)["updated"], json.loads(proc.stdout)["new"]) == (1, 0)
+        assert server.requests[before:] == [f"/api/v1/model-versions/{target}", "/api/v1/models/9201"]
+        assert _experts(settings)[0][f"civitai:{target}"].trained_words == ["fresh trigger"]
+
+        for args, message in ((("civitai", "--version-id", "abc"), "version ids are numbers"),
+                              (("huggingface", "--version-id", "1"), "only available for civitai")):
+            proc = _cli("crawl", *args, env=env)
+            assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr

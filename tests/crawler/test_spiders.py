@@ -72,10 +72,20 @@ def test_since_skips_older_versions_and_stops(settings) -> None:
     assert spider.crawler.stats.get_value("diffgraph/skipped/older_than_since") >= 3
 
 
-def test_limit_caps_records(settings) -> None:
+def test_limit_caps_records_and_the_next_run_resumes_on_the_cut_page(settings) -> None:
     spider = _spider(settings, limit=2)
     out = list(spider.parse(_page(_page_of(civitai_items()[:5], f"{API}/models?cursor=5"))))
     assert len(out) == 2 and all(isinstance(o, SourceRecord) for o in out)
+    assert spider.crawler.stats.get_value("diffgraph/resume") == f"{API}/models?limit=100"
+
+
+def test_unfinished_walk_stops_at_since_without_a_resume_point(settings) -> None:
+    spider = _spider(settings, since="2024-01-01")
+    spider.resume_from = f"{API}/models?limit=100"  # this page is where an earlier run left off
+    out = list(spider.parse(_page(_page_of(civitai_items()[:3], f"{API}/models?cursor=3"))))
+    stats = spider.crawler.stats
+    assert out == [] and stats.get_value("diffgraph/stopped_at") == "since"
+    assert stats.get_value("diffgraph/resume") is None  # kept for a later run without --since
 
 
 def test_truncated_page_is_refetched_then_counted(settings) -> None:
