@@ -68,8 +68,11 @@ class CrawlItem(Base):
     source_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    status: Mapped[str] = mapped_column(String(32), default="registered")  # registered | quarantined
+    # registered | quarantined (dropped by a rule about the record itself) | failed (transient: fetched again
+    # by the next run, up to crawler.state.MAX_ATTEMPTS times)
+    status: Mapped[str] = mapped_column(String(32), default="registered")
     reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ExpertFileRecord(Base):

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
-from crawler.state import record_run, save_resume_point
+from crawler.state import record_run, remember_failures, save_resume_point
 
 log = logging.getLogger(__name__)
 SOURCES = ("civitai", "huggingface")
@@ -46,6 +46,7 @@ class CrawlSummary:
     skipped: int = 0
     failed: int = 0
     requests: int = 0
+    retried: int = 0  # versions that failed transiently before and were fetched again first
     elapsed_s: float = 0.0
     finish_reason: str = ""
     stopped_at: str = ""
@@ -83,9 +84,10 @@ class CrawlSummary:
             skipped=sum(skipped.values()),
             failed=sum(failed.values()),
             requests=int(stats.get("downloader/request_count", 0)),
+            retried=int(stats.get("diffgraph/retried", 0)),
             elapsed_s=round(elapsed, 3),
             finish_reason=str(stats.get("finish_reason", "")),
-            stopped_at=str(stats.get("diffgraph/stopped_at", "")),
+            stopped_at=str(stats.get("diffgraph/stopped_at", "")),  # crawler.stats.STOPPED
             skipped_reasons=skipped,
             failed_reasons=failed,
             anomalies={k: int(v) for k, v in group("diffgraph/anomaly/").items()},
@@ -154,7 +156,7 @@ def _crawl_here(
 
     from crawler.settings import scrapy_settings
     from crawler.spiders import SPIDERS
-    from crawler.spiders.base import LISTING, RESUME
+    from crawler.stats import LISTING, RESUME, RETRY
 
     started = utcnow()
     process = CrawlerProcess(scrapy_settings(settings, limit, LOG_LEVEL=log_level))
@@ -185,6 +187,7 @@ def _crawl_here(
         summary.error = errors[0]
     if stats.get(RESUME) is not None and stats.get(LISTING):
         save_resume_point(settings, source, stats[LISTING], stats[RESUME] or None)
+    remember_failures(settings, source, stats.get(RETRY) or {})
     record_run(settings, source, summary.counts(), error=summary.error, started_at=started)
     return summary
 

@@ -18,6 +18,8 @@ from core.types import utcnow
 SOURCES = ("civitai", "huggingface")
 log = logging.getLogger(__name__)
 _CURSOR_MAX = 1024  # the column's size
+MAX_ATTEMPTS = 5  # a version that failed transiently this many runs in a row is left for a person to look at
+RETRIES_PER_RUN = 100
 
 
 def lifted_policies(settings: Settings) -> set[str]:
@@ -39,6 +41,42 @@ def known_hashes(settings: Settings, source: str) -> dict[str, str]:
             vid: h for vid, h, status, reason in rows
             if not (status == "quarantined" and (reason or "").split(":", 1)[0] in lifted)
         }
+
+
+def retry_ids(settings: Settings, source: str) -> list[str]:
+    """Versions of ``source`` that failed transiently in earlier runs (a page error, a stage error) and are
+    due to be fetched again directly, least recently tried first."""
+    with session_scope(settings) as s:
+        rows = s.scalars(
+            select(CrawlItem.version_id)
+            .where(CrawlItem.source == source, CrawlItem.status == "failed", CrawlItem.attempts < MAX_ATTEMPTS)
+            .order_by(CrawlItem.last_seen_at, CrawlItem.version_id)
+            .limit(RETRIES_PER_RUN)
+        )
+        return list(rows)
+
+
+def remember_failures(settings: Settings, source: str, failures: Mapping[str, str]) -> None:
+    """Record versions that failed transiently in this run (``{version id: reason}``) for the next run.
+
+    A version already registered keeps its registered record (the graph still has it); a quarantined one
+    stays quarantined.
+    """
+    if not failures:
+        return
+    now = utcnow()
+    with session_scope(settings) as s:
+        for version_id, reason in failures.items():
+            row = s.get(CrawlItem, (source, version_id))
+            if row is None:
+                row = CrawlItem(source=source, version_id=version_id, expert_id=f"{source}:{version_id}",
+                                content_hash="", first_seen_at=now, status="failed", attempts=0)
+                s.add(row)
+            elif row.status != "failed":
+                continue
+            row.attempts = (row.attempts or 0) + 1
+            row.last_seen_at = now
+            row.reason = reason[:4000]
 
 
 def known_sha256(settings: Settings) -> dict[str, str]:

@@ -11,6 +11,7 @@ from scrapy.exceptions import DropItem
 
 from core.settings import Settings
 from crawler.items import SourceRecord
+from crawler.stats import note_retry
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ class Stage:
         self.stats.inc_value(f"diffgraph/skipped/{reason}")
         return Skipped(f"{item.source}:{item.version_id} skipped: {reason}", reason)
 
-    def fail(self, reason: str, item: SourceRecord, detail: str = "") -> Failed:
+    def fail(self, reason: str, item: SourceRecord, detail: str = "", transient: bool = False) -> Failed:
+        """``transient``: the failure may not last (a database or service error), so the next run fetches
+        the version again."""
         self.stats.inc_value(f"diffgraph/failed/{reason}")
+        if transient:
+            note_retry(self.stats, item.version_id, f"{reason}: {detail}"[:500])
         log.warning("%s:%s failed at %s: %s %s", item.source, item.version_id, self.stage, reason, detail)
         return Failed(f"{item.source}:{item.version_id} failed: {reason} {detail}".strip(), reason)
 
@@ -105,7 +110,7 @@ class BatchStage(Stage):
             outcomes = self.flush(items)
         except Exception as exc:  # one bad batch fails its items, never the crawl
             log.exception("%s failed for a batch of %d", self.stage, len(items))
-            outcomes = [self.fail(f"{self.stage}_error", item, str(exc)[:200]) for item in items]
+            outcomes = [self.fail(f"{self.stage}_error", item, str(exc)[:200], transient=True) for item in items]
         self.timed(time.perf_counter() - start)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():

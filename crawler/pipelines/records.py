@@ -77,7 +77,7 @@ class SqlRecordsPipeline(BatchStage):
                     with s.begin_nested():  # a savepoint: one bad record fails alone
                         self._write(s, [item], now)
                 except Exception as exc:
-                    outcomes.append(self.fail("records_error", item, str(exc)[:200]))
+                    outcomes.append(self.fail("records_error", item, str(exc)[:200], transient=True))
                 else:
                     outcomes.append(None)
         return outcomes
@@ -109,6 +109,7 @@ class SqlRecordsPipeline(BatchStage):
             row.last_seen_at = now
             row.status = "registered"
             row.reason = None
+            row.attempts = 0
             for f in expert.files:
                 rec = files.get((expert.id, f.name))
                 if rec is None:

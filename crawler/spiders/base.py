@@ -19,17 +19,16 @@ from typing import Any
 
 import scrapy
 from scrapy.http import Request, Response
+from scrapy.spidermiddlewares.httperror import HttpError
 from twisted.python.failure import Failure
 
 from core.settings import Settings
 from crawler.normalize.dates import parse_datetime
-from crawler.state import known_hashes, listing_key, resume_point
+from crawler.state import known_hashes, listing_key, resume_point, retry_ids
+from crawler.stats import LISTING, RESUME, STOPPED, note_retry
 
 log = logging.getLogger(__name__)
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
-STOPPED = "diffgraph/stopped_at"
-LISTING = "diffgraph/listing"  # which listing (source query) this run walked
-RESUME = "diffgraph/resume"  # where the next run continues that walk ("" = it reached the end)
 
 
 class SourceSpider(scrapy.Spider):
@@ -73,6 +72,18 @@ class SourceSpider(scrapy.Spider):
         self.crawler.stats.set_value(LISTING, self.listing)
         self.resume_from = resume_point(self.app_settings, self.source, self.listing)
         self.backfilling = False
+
+    def retry_requests(self) -> Iterator[Request]:
+        """Requests for versions that failed transiently in earlier runs (before the listing walk)."""
+        for version_id in retry_ids(self.app_settings, self.source):
+            if self.limit_reached:
+                return
+            self.crawler.stats.inc_value("diffgraph/retried")
+            yield self.item_request(version_id)
+
+    def item_request(self, version_id: str) -> Request:
+        """The first request that fetches one version on its own."""
+        raise NotImplementedError
 
     # the listing walk ---------------------------------------------------------------------------
     def listing_request(self, url: str, **kwargs: Any) -> Request:
@@ -151,6 +162,8 @@ class SourceSpider(scrapy.Spider):
             self.count("failed", "broken_page")
             if response.meta.get("listing"):
                 self.listing_failed(response.url)
+            if response.meta.get("version_id"):
+                note_retry(self.crawler.stats, response.meta["version_id"], "broken_page")
             return None, None
 
     def on_error(self, failure: Failure) -> Iterator[Any]:
@@ -160,4 +173,7 @@ class SourceSpider(scrapy.Spider):
         self.count("failed", "page_error")
         if request is not None and request.meta.get("listing"):
             self.listing_failed(request.url)
+        gone = failure.check(HttpError) and failure.value.response.status in (404, 410)
+        if request is not None and request.meta.get("version_id") and not gone:
+            note_retry(self.crawler.stats, request.meta["version_id"], f"page_error: {failure.getErrorMessage()}")
         return iter(())

@@ -53,9 +53,15 @@ class CivitaiSpider(SourceSpider):
         self.load_known()
         if self.version_ids:
             for vid in self.version_ids:
-                yield Request(f"{self.api}/model-versions/{vid}", callback=self.parse_version, errback=self.on_error)
+                yield self.item_request(vid)
         else:
+            for request in self.retry_requests():
+                yield request
             yield self.listing_request(self.first_page_url())
+
+    def item_request(self, version_id: str) -> Request:
+        return Request(f"{self.api}/model-versions/{version_id}", callback=self.parse_version,
+                       errback=self.on_error, meta={"version_id": version_id})
 
     # listing --------------------------------------------------------------------------------------
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
@@ -134,6 +140,7 @@ class CivitaiSpider(SourceSpider):
             callback=self.parse_model_of_version,
             errback=self.on_error,
             cb_kwargs={"version": data},
+            meta={"version_id": response.meta.get("version_id")},
             dont_filter=True,
         )
 

@@ -56,7 +56,19 @@ class HuggingFaceSpider(SourceSpider):
 
     async def start(self) -> AsyncIterator[Request]:
         self.load_known()
+        for request in self.retry_requests():
+            self.take()
+            yield request
         yield self.listing_request(self.first_page_url())
+
+    def item_request(self, version_id: str) -> Request:
+        return Request(
+            f"{self.hub}/api/models/{quote(version_id)}?blobs=true",
+            callback=self.parse_info,
+            errback=self.on_error,
+            cb_kwargs={"repo_id": version_id},
+            meta={"version_id": version_id},
+        )
 
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         data, retry = self.load_json(response)
@@ -82,12 +94,7 @@ class HuggingFaceSpider(SourceSpider):
                 unchanged += 1
                 self.count("skipped", "unchanged")
             elif self.take():
-                yield Request(
-                    f"{self.hub}/api/models/{quote(repo_id)}?blobs=true",
-                    callback=self.parse_info,
-                    errback=self.on_error,
-                    cb_kwargs={"repo_id": repo_id},
-                )
+                yield self.item_request(repo_id)
         yield from self.after_page(response.url, seen, unchanged, old, next_link(response.headers.get(b"Link")))
 
     def parse_info(self, response: Response, repo_id: str) -> Iterator[Any]:
@@ -105,7 +112,7 @@ class HuggingFaceSpider(SourceSpider):
             callback=self.parse_card,
             errback=self.card_missing,
             cb_kwargs={"info": info},
-            meta={"download_maxsize": MAX_CARD_BYTES * 4},
+            meta={"download_maxsize": MAX_CARD_BYTES * 4, "version_id": repo_id},
         )
 
     def record(self, info: dict[str, Any], card: str | None) -> SourceRecord:

@@ -266,3 +266,27 @@ def test_refresh_versions_via_cli(settings, weights) -> None:
                               (("huggingface", "--version-id", "1"), "only available for civitai")):
             proc = _cli("crawl", *args, env=env)
             assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_version_that_failed_transiently_is_fetched_again_by_the_next_run(settings, weights) -> None:
+    models = [hf_model_for(f"user/lora-{i}", {"w.safetensors": weights(f"t{i}.safetensors", seed=100 + i)})
+              for i in range(4)]
+    with HFFixtureServer(models, page_size=2) as server:
+        cfg = settings.model_copy(update={"hf_url": server.hf_url})
+        server.fail("/api/models/user/lora-2?", "truncated", "truncated", "truncated")  # on page 2
+        first = crawl(cfg, "huggingface", subprocess=True)
+        assert (first.new, first.failed_reasons) == (3, {"broken_page": 1})
+        with session_scope(settings) as s:
+            row = s.get(CrawlItem, ("huggingface", "user/lora-2"))
+            assert (row.status, row.attempts, row.reason) == ("failed", 1, "broken_page")
+
+        # page 1 is known, so the walk stops there; the failed repo is fetched on its own
+        before = len(server.requests)
+        second = crawl(cfg, "huggingface", subprocess=True)
+        assert (second.new, second.failed, second.retried, second.stopped_at) == (1, 0, 1, "known_versions")
+        assert [r for r in server.requests[before:] if r.startswith("/api/models?")] == [server.requests[0]]
+        assert "huggingface:user/lora-2" in _experts(settings)[0]
+        with session_scope(settings) as s:
+            row = s.get(CrawlItem, ("huggingface", "user/lora-2"))
+            assert (row.status, row.attempts, row.reason) == ("registered", 0, None)
+        assert crawl(cfg, "huggingface", subprocess=True).new == 0

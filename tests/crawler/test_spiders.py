@@ -158,3 +158,20 @@ def test_refresh_by_version_id_uses_the_real_responses(settings) -> None:
     (record,) = list(spider.parse_model_of_version(_page(json.dumps(model), follow.url), **follow.cb_kwargs))
     assert record.version_id == "1387174" and record.model["name"] == "Vivid Impressions Storybook Style"
     assert record.version["baseModel"] == "Flux.1 D"
+
+
+def test_versions_that_failed_before_are_fetched_before_the_listing(settings) -> None:
+    import asyncio
+
+    from crawler.state import remember_failures
+
+    remember_failures(settings, "civitai", {"55": "page_error: 503"})
+    spider = _spider(settings)
+
+    async def requests() -> list[Request]:
+        return [r async for r in spider.start()]
+
+    retry, listing = asyncio.run(requests())
+    assert retry.url == f"{API}/model-versions/55" and retry.meta["version_id"] == "55"
+    assert listing.url == spider.first_page_url() and listing.meta["listing"]
+    assert spider.crawler.stats.get_value("diffgraph/retried") == 1

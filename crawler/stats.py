@@ -1,0 +1,19 @@
+"""Crawl stats that spiders and pipelines leave for ``crawler.run`` to persist after the crawl."""
+
+from __future__ import annotations
+
+from scrapy.statscollectors import StatsCollector
+
+STOPPED = "diffgraph/stopped_at"  # why the listing walk ended
+LISTING = "diffgraph/listing"  # which listing (source query) this run walked
+RESUME = "diffgraph/resume"  # where the next run continues that walk ("" = it reached the end)
+RETRY = "diffgraph/retry"  # {version id: reason} of versions that failed transiently
+
+
+def note_retry(stats: StatsCollector, version_id: str, reason: str) -> None:
+    """Have the next run fetch ``version_id`` again (it failed for a reason that may not last)."""
+    failures = stats.get_value(RETRY)
+    if failures is None:
+        failures = {}
+        stats.set_value(RETRY, failures)
+    failures[str(version_id)] = reason
