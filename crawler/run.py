@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
 from crawler.state import record_run, remember_failures, save_resume_point
+from crawler.stats import LISTING, RESUME, RETRIED, RETRY, STOPPED
 
 log = logging.getLogger(__name__)
 SOURCES = ("civitai", "huggingface")
@@ -84,10 +85,10 @@ class CrawlSummary:
             skipped=sum(skipped.values()),
             failed=sum(failed.values()),
             requests=int(stats.get("downloader/request_count", 0)),
-            retried=int(stats.get("diffgraph/retried", 0)),
+            retried=int(stats.get(RETRIED, 0)),
             elapsed_s=round(elapsed, 3),
             finish_reason=str(stats.get("finish_reason", "")),
-            stopped_at=str(stats.get("diffgraph/stopped_at", "")),  # crawler.stats.STOPPED
+            stopped_at=str(stats.get(STOPPED, "")),
             skipped_reasons=skipped,
             failed_reasons=failed,
             anomalies={k: int(v) for k, v in group("diffgraph/anomaly/").items()},
@@ -156,7 +157,6 @@ def _crawl_here(
 
     from crawler.settings import scrapy_settings
     from crawler.spiders import SPIDERS
-    from crawler.stats import LISTING, RESUME, RETRY
 
     started = utcnow()
     process = CrawlerProcess(scrapy_settings(settings, limit, LOG_LEVEL=log_level))

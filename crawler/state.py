@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.records import CrawlItem, CrawlState, ExpertFileRecord, session_scope
 from core.settings import Settings
@@ -97,6 +98,15 @@ def get_state(settings: Settings, source: str) -> dict[str, Any] | None:
         return {c.name: getattr(row, c.name) for c in CrawlState.__table__.columns}
 
 
+def _state_row(s: Session, source: str) -> CrawlState:
+    """The source's ``CrawlState`` row, created with zero counters on first use."""
+    row = s.get(CrawlState, source)
+    if row is None:
+        row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
+        s.add(row)
+    return row
+
+
 def record_run(
     settings: Settings,
     source: str,
@@ -107,10 +117,7 @@ def record_run(
     """Add one run's counts (new/updated/skipped/failed) and its error (if any) to the source's state."""
     counts = dict(counts or {})
     with session_scope(settings) as s:
-        row = s.get(CrawlState, source)
-        if row is None:
-            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
-            s.add(row)
+        row = _state_row(s, source)
         row.runs = (row.runs or 0) + 1
         row.total_new = (row.total_new or 0) + int(counts.get("new", 0))
         row.total_updated = (row.total_updated or 0) + int(counts.get("updated", 0))
@@ -149,20 +156,14 @@ def save_resume_point(settings: Settings, source: str, listing: str, url: str | 
                     _CURSOR_MAX)
         cursor = None
     with session_scope(settings) as s:
-        row = s.get(CrawlState, source)
-        if row is None:
-            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
-            s.add(row)
+        row = _state_row(s, source)
         row.cursor = cursor
 
 
 def advance_watermark(settings: Settings, source: str, watermark: datetime | None) -> None:
     """Move the source's watermark forward (never back)."""
     with session_scope(settings) as s:
-        row = s.get(CrawlState, source)
-        if row is None:
-            row = CrawlState(source=source, runs=0, total_new=0, total_updated=0, total_skipped=0, total_failed=0)
-            s.add(row)
+        row = _state_row(s, source)
         current = _aware(row.watermark)
         if watermark is not None and (current is None or _aware(watermark) > current):
             row.watermark = _aware(watermark)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from scrapy.statscollectors import StatsCollector
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scrapy.statscollectors import StatsCollector
 
 STOPPED = "diffgraph/stopped_at"  # why the listing walk ended
 LISTING = "diffgraph/listing"  # which listing (source query) this run walked
 RESUME = "diffgraph/resume"  # where the next run continues that walk ("" = it reached the end)
 RETRY = "diffgraph/retry"  # {version id: reason} of versions that failed transiently
+RETRIED = "diffgraph/retried"  # how many of the earlier failures this run fetched again
 
 
 def note_retry(stats: StatsCollector, version_id: str, reason: str) -> None:

@@ -31,19 +31,20 @@ class GraphUpsertPipeline(BatchStage):
         self._opened_at = 0.0
         self._idle: asyncio.TimerHandle | None = None
 
-    def _open(self) -> GraphStore:
+    def _cancel_idle_close(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+
+    def _open(self) -> GraphStore:
+        self._cancel_idle_close()
         if self._store is None:
             self._store = open_store(self.settings)
             self._opened_at = time.monotonic()
         return self._store
 
     def _release(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._cancel_idle_close()
         store, self._store = self._store, None
         if store is not None:
             start = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from core.settings import Settings
 from crawler.normalize.dates import parse_datetime
 from crawler.state import known_hashes, listing_key, resume_point, retry_ids
-from crawler.stats import LISTING, RESUME, STOPPED, note_retry
+from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_retry
 
 log = logging.getLogger(__name__)
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
@@ -78,7 +78,7 @@ class SourceSpider(scrapy.Spider):
         for version_id in retry_ids(self.app_settings, self.source):
             if self.limit_reached:
                 return
-            self.crawler.stats.inc_value("diffgraph/retried")
+            self.crawler.stats.inc_value(RETRIED)
             yield self.item_request(version_id)
 
     def item_request(self, version_id: str) -> Request:
@@ -120,10 +120,18 @@ class SourceSpider(scrapy.Spider):
             stats.set_value(STOPPED, "end_of_listing")
             stats.set_value(RESUME, "")
 
-    def listing_failed(self, url: str) -> None:
-        """A listing page failed for good: the walk ends here, and the next run starts again from it."""
-        self.crawler.stats.set_value(RESUME, url)
-        self.crawler.stats.set_value(STOPPED, "page_error")
+    def page_failed(self, url: str, meta: Mapping[str, Any], reason: str, detail: str = "",
+                    retry: bool = True) -> None:
+        """A page failed for good, counted as ``failed/<reason>``. A listing walk ends here and the next run
+        starts again from this page; a version fetched on its own is fetched again by the next run, unless
+        ``retry`` is off (the source says it is gone)."""
+        stats = self.crawler.stats
+        self.count("failed", reason)
+        if meta.get("listing"):
+            stats.set_value(RESUME, url)
+            stats.set_value(STOPPED, "page_error")
+        if retry and meta.get("version_id"):
+            note_retry(stats, meta["version_id"], f"{reason}: {detail}" if detail else reason)
 
     # counting ----------------------------------------------------------------------------------
     def count(self, outcome: str, reason: str, n: int = 1) -> None:
@@ -159,21 +167,14 @@ class SourceSpider(scrapy.Spider):
                 meta = {**response.meta, "json_retries": tries + 1}
                 return None, response.request.replace(dont_filter=True, meta=meta)
             log.error("unparseable JSON from %s after %d tries: %s", response.url, tries + 1, exc)
-            self.count("failed", "broken_page")
-            if response.meta.get("listing"):
-                self.listing_failed(response.url)
-            if response.meta.get("version_id"):
-                note_retry(self.crawler.stats, response.meta["version_id"], "broken_page")
+            self.page_failed(response.url, response.meta, "broken_page")
             return None, None
 
     def on_error(self, failure: Failure) -> Iterator[Any]:
         """A page that failed for good (HTTP error after retries, network error): counted, logged."""
         request = getattr(failure, "request", None)
         log.error("giving up on %s: %s", getattr(request, "url", "?"), failure.getErrorMessage())
-        self.count("failed", "page_error")
-        if request is not None and request.meta.get("listing"):
-            self.listing_failed(request.url)
-        gone = failure.check(HttpError) and failure.value.response.status in (404, 410)
-        if request is not None and request.meta.get("version_id") and not gone:
-            note_retry(self.crawler.stats, request.meta["version_id"], f"page_error: {failure.getErrorMessage()}")
+        gone = bool(failure.check(HttpError)) and failure.value.response.status in (404, 410)
+        self.page_failed(getattr(request, "url", ""), getattr(request, "meta", {}), "page_error",
+                         failure.getErrorMessage(), retry=not gone)
         return iter(())

@@ -72,8 +72,7 @@ class CivitaiSpider(SourceSpider):
             return
         items = data.get("items") if isinstance(data, dict) else None
         if not isinstance(items, list):
-            self.count("failed", "broken_page")
-            self.listing_failed(response.url)
+            self.page_failed(response.url, response.meta, "broken_page")
             return
         seen = unchanged = old = 0
         for model in items:

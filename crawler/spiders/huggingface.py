@@ -77,8 +77,7 @@ class HuggingFaceSpider(SourceSpider):
                 yield retry
             return
         if not isinstance(data, list):
-            self.count("failed", "broken_page")
-            self.listing_failed(response.url)
+            self.page_failed(response.url, response.meta, "broken_page")
             return
         seen = unchanged = old = 0
         for info in data:
