@@ -16,31 +16,23 @@ the expert (``base_model``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from core.settings import Settings
-from core.types import Capability, DiffGraphError, Expert, ExpertKind, NotFoundError, RefPrompt
+from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt
+from graphdb.errors import GraphBusy as GraphBusy  # re-exported: the errors' old home
+from graphdb.errors import GraphError as GraphError
+from graphdb.errors import GraphUnavailable as GraphUnavailable
 
 if TYPE_CHECKING:
     from graphdb.subgraph import Subgraph
 
 NODE_LABELS = ("Expert", "Checkpoint", "LoRA", "BaseModel", "Tag", "Creator", "RefPrompt", "Generation")
 REL_TYPES = ("BASED_ON", "TAGGED", "CREATED_BY", "CAPABILITY", "SIMILAR_TO", "USED")
-
-
-class GraphError(DiffGraphError):
-    """A graph operation failed (bad input or backend error)."""
-
-
-class GraphUnavailable(GraphError):
-    """The backend cannot be reached or opened."""
 
 
 ExpertNotFound = NotFoundError
@@ -91,49 +83,6 @@ class GraphStats:
 
     def to_json(self) -> dict[str, dict[str, int]]:
         return {"nodes": dict(self.nodes), "relationships": dict(self.relationships)}
-
-
-_NO_COMMERCIAL = {"", "none", "false", "no", "0"}
-
-
-def commercial_use_ok(value: str) -> bool:
-    """Whether a source's ``allow_commercial_use`` value permits some commercial use (empty, ``None``,
-    ``false``... or an empty ``{}``/``[]`` list do not). Both backends filter candidates by this rule."""
-    return value.strip().strip("{}[]").lower() not in _NO_COMMERCIAL
-
-
-def check_vector(owner: str, vector: Sequence[float] | np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """A finite, non-empty 1-d vector, else ``GraphError`` naming ``owner``."""
-    arr = np.asarray(vector, dtype=dtype).reshape(-1)
-    if arr.size == 0:
-        raise GraphError(f"{owner}: empty embedding")
-    if not np.all(np.isfinite(arr)):
-        raise GraphError(f"{owner}: embedding has non-finite values")
-    return arr
-
-
-def unique_experts(experts: Sequence[Expert]) -> dict[str, Expert]:
-    """The batch of an ``upsert_experts`` call validated and keyed by id (the last record of an id wins)."""
-    batch: dict[str, Expert] = {}
-    for expert in experts:
-        if not isinstance(expert, Expert):
-            raise GraphError(f"upsert_experts expects Expert records, got {type(expert).__name__}")
-        if expert.embedding is not None and len(expert.embedding) == 0:
-            expert = expert.model_copy(update={"embedding": None})
-        if expert.embedding is not None:
-            check_vector(f"expert {expert.id!r}", expert.embedding)
-        batch[expert.id] = expert
-    return batch
-
-
-def unique_capabilities(capabilities: Sequence[Capability]) -> dict[tuple[str, str], Capability]:
-    """The batch of a ``write_capabilities`` call validated and keyed by (expert, prompt); the last wins."""
-    batch: dict[tuple[str, str], Capability] = {}
-    for cap in capabilities:
-        if not math.isfinite(cap.score) or not all(math.isfinite(v) for v in cap.metrics.values()):
-            raise GraphError(f"capability {cap.expert_id!r} -> {cap.prompt_id!r}: non-finite score or metric")
-        batch[(cap.expert_id, cap.prompt_id)] = cap
-    return batch
 
 
 @runtime_checkable
@@ -211,39 +160,11 @@ class GraphStore(Protocol):
     def stats(self) -> GraphStats: ...
 
 
-def open_store(settings: Settings) -> GraphStore:
-    """Open the backend named by ``settings.effective_graph_url`` (caller closes it).
+def __getattr__(name: str) -> object:
+    """``open_store``/``store_session`` moved to ``graphdb.backends`` (the contract does not know its
+    implementations); the old import path keeps working."""
+    if name in {"open_store", "store_session"}:
+        from graphdb import backends
 
-    Use ``with store_session(settings) as store:`` where possible: the embedded database admits one
-    process at a time, so hold it only for the length of an operation.
-    """
-    url = settings.effective_graph_url
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme == "embedded":
-        from graphdb.embedded.store import EmbeddedGraphStore
-
-        store: GraphStore = EmbeddedGraphStore(url.split("://", 1)[1], settings=settings)
-    elif scheme in {"neo4j", "neo4j+s", "neo4j+ssc", "bolt", "bolt+s", "bolt+ssc"}:
-        from graphdb.neo4j.store import Neo4jGraphStore
-
-        store = Neo4jGraphStore(
-            url,
-            user=settings.neo4j_user,
-            password=settings.neo4j_password.get_secret_value(),
-            database=settings.neo4j_database,
-        )
-    else:
-        raise GraphUnavailable(
-            f"unsupported graph URL {url!r}: use embedded://<path>, neo4j://host:7687 or bolt://host:7687"
-        )
-    store.ensure_schema()
-    return store
-
-
-@contextmanager
-def store_session(settings: Settings) -> Iterator[GraphStore]:
-    store = open_store(settings)
-    try:
-        yield store
-    finally:
-        store.close()
+        return getattr(backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

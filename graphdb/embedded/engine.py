@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import real_ladybug as _engine
 
-from graphdb.store import GraphError, GraphUnavailable
+from graphdb.errors import GraphError, GraphUnavailable
 
 _LOCK_MARKERS = ("could not set lock", "lock on file")
 # Seen while another process is closing/checkpointing the same database (two Celery workers taking
@@ -149,14 +149,10 @@ class Engine:
             result.close()
 
     def load(self, query: str, table: pa.Table, params: Mapping[str, Any] | None = None) -> None:
-        """Run ``LOAD FROM $rows ...`` over a typed arrow table (batched writes with exact column types)."""
+        """Run ``LOAD FROM $rows ...`` or ``COPY <table> FROM $rows`` (bulk append) over a typed arrow table
+        (batched writes with exact column types)."""
         if table.num_rows:
             self._run(query, {**(params or {}), "rows": table}).close()
-
-    def copy(self, table_name: str, table: pa.Table) -> None:
-        """Bulk-append rows with ``COPY <table> FROM <arrow>`` (node tables: id first; rel tables: from, to)."""
-        if table.num_rows:
-            self._run(f"COPY {table_name} FROM $rows", {"rows": table}).close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -1,7 +1,8 @@
 """``Neo4jGraphStore``: the ``GraphStore`` contract over the official ``neo4j`` driver.
 
-Every statement comes from ``graphdb.neo4j.queries``; this module owns the mapping between domain models
-and rows (``expert_row`` / ``expert_from_props`` and friends, pure functions) and the transactions.
+Every statement comes from ``graphdb.neo4j.queries`` and every backend-independent decision from
+``graphdb.rules``; this module owns the mapping between domain models and rows (``expert_row`` /
+``expert_from_props`` and friends, pure functions) and the transactions.
 Multi-statement writes run as managed transactions (``session.execute_write``), which the driver retries
 on transient errors; each transaction function re-reads what it depends on, so a retry is safe.
 
@@ -11,9 +12,7 @@ Semantics match the embedded backend (``graphdb/embedded/store.py``); the contra
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,46 +22,39 @@ from typing import Any, TypeVar
 import numpy as np
 
 from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt, utcnow
+from graphdb import rules
+from graphdb.errors import GraphError, GraphUnavailable
 from graphdb.neo4j import queries as q
+from graphdb.rules import (  # noqa: F401 - classify, record_hash... keep their old import path here
+    check_vector,
+    classify,
+    commercial_use_ok,
+    rank_candidates,
+    record_hash,
+    top_k_similar,
+)
 from graphdb.store import (
     NODE_LABELS,
     REL_TYPES,
     Candidate,
     CandidateFilter,
     ExpertFilter,
-    GraphError,
     GraphStats,
-    GraphUnavailable,
     UpsertResult,
-    check_vector,
-    commercial_use_ok,
-    unique_capabilities,
-    unique_experts,
 )
-from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
+from graphdb.subgraph import Subgraph, SubgraphNode
 
 T = TypeVar("T")
 
 SCHEMES = ("neo4j", "neo4j+s", "neo4j+ssc", "bolt", "bolt+s", "bolt+ssc")
 BATCH_ROWS = 1000  # rows per UNWIND statement
 MAX_VECTOR_FETCH = 10_000  # largest vector-index pool before candidates() switches to exact search
-MAX_PROMPT_CHARS = 20_000
-_CALIBRATION_FIELDS = ("calibrated_at", "ref_set_version", "scorer_version")
 # CAPABILITY properties that are not metrics (metrics are stored flat beside them, readable in Browser)
 _CAPABILITY_FIELDS = ("score", "n_images", "calibrated_at", "ref_set_version")
 _INTERNAL_EXPERT_PROPS = ("files_json", "record_hash", "commercial_use_ok")
 
 
 # ------------------------------------------------------------------------------------ pure row mapping
-
-
-def record_hash(expert: Expert) -> str:
-    """Hash of the whole record except calibration fields (change detection when ``content_hash`` is empty)."""
-    payload = expert.model_dump(mode="json", exclude={*_CALIBRATION_FIELDS, "embedding"})
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
-    if expert.embedding:
-        digest.update(np.asarray(expert.embedding, dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 def to_native(value: Any) -> Any:
@@ -76,25 +68,9 @@ def to_native(value: Any) -> Any:
 
 
 def with_stored_calibration(expert: Expert, stored: dict[str, Any] | None) -> Expert:
-    """Apply the calibration rule: an unchanged ``content_hash`` keeps each stored calibration field the
-    new record leaves empty; a changed hash keeps nothing (the expert needs recalibration)."""
-    if stored is None or (stored.get("content_hash") or "") != expert.content_hash:
-        return expert
-    update = {
-        name: to_native(stored.get(name)) or (None if name == "calibrated_at" else "")
-        for name in _CALIBRATION_FIELDS
-        if not getattr(expert, name)
-    }
-    return expert.model_copy(update=update) if update else expert
-
-
-def classify(expert: Expert, stored: dict[str, Any] | None, digest: str) -> str:
-    """``created``, ``updated`` or ``unchanged`` (by ``content_hash``; by the record hash when it is empty)."""
-    if stored is None:
-        return "created"
-    if expert.content_hash:
-        return "unchanged" if (stored.get("content_hash") or "") == expert.content_hash else "updated"
-    return "unchanged" if stored.get("record_hash") == digest else "updated"
+    """``rules.with_stored_calibration`` over a stored row as the driver returns it."""
+    native = None if stored is None else {k: to_native(v) for k, v in stored.items()}
+    return rules.with_stored_calibration(expert, native)
 
 
 def expert_row(expert: Expert, digest: str | None = None) -> dict[str, Any]:
@@ -107,12 +83,13 @@ def expert_row(expert: Expert, digest: str | None = None) -> dict[str, Any]:
         record_hash=digest or record_hash(expert),
         commercial_use_ok=commercial_use_ok(expert.allow_commercial_use),
     )
+    links = rules.link_targets(expert)
     return {
         "id": expert.id,
         "label": expert.label,
         "props": props,
         "base_family": expert.base_family,
-        "tags": [t for t in dict.fromkeys(t.strip() for t in expert.tags) if t],
+        "tags": links["TAGGED"],
         "creator": expert.creator,
     }
 
@@ -172,16 +149,7 @@ def ref_prompt_from_props(props: dict[str, Any]) -> RefPrompt:
     return RefPrompt.model_validate(data)
 
 
-def kinds_for(kind: ExpertKind | str | None) -> list[str] | None:
-    """The ``kind`` values a kind filter matches: ``None`` (all), ``["checkpoint"]`` or every adapter kind
-    (``lora`` — and any other adapter kind — matches lora, locon, loha and lokr)."""
-    if kind is None or kind == "":
-        return None
-    try:
-        parsed = ExpertKind(str(kind).lower())
-    except ValueError as exc:
-        raise GraphError(f"unknown expert kind {kind!r}; use one of {[k.value for k in ExpertKind]}") from exc
-    return [k.value for k in ExpertKind if k.is_adapter == parsed.is_adapter]
+kinds_for = rules.kind_values
 
 
 def expert_filter_params(f: ExpertFilter) -> dict[str, Any]:
@@ -195,31 +163,6 @@ def expert_filter_params(f: ExpertFilter) -> dict[str, Any]:
         "uncalibrated_for": f.uncalibrated_for,
         "name_contains": f.name_contains,
     }
-
-
-def top_k_similar(
-    ids: Sequence[str], families: Sequence[str], matrix: np.ndarray, k: int
-) -> list[tuple[str, str, float]]:
-    """``(src, dst, cosine)`` for each expert's ``k`` most similar experts of its family (ties by id order;
-    ``ids`` sorted); never an expert to itself."""
-    if k <= 0 or not len(ids):
-        return []
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    unit = matrix / np.maximum(norms, 1e-12)
-    fam = np.asarray(families, dtype=object)
-    out: list[tuple[str, str, float]] = []
-    for family in sorted(set(fam.tolist()), key=str):
-        rows = np.nonzero(fam == family)[0]
-        sub = unit[rows]
-        for start in range(0, len(rows), 1024):  # bounded score blocks
-            block = sub[start : start + 1024] @ sub.T
-            for j in range(block.shape[0]):
-                block[j, start + j] = -np.inf
-                scores = block[j]
-                valid = np.nonzero(np.isfinite(scores))[0]
-                order = valid[np.lexsort((valid, -scores[valid]))][:k]
-                out.extend((ids[rows[start + j]], ids[rows[t]], float(scores[t])) for t in order)
-    return out
 
 
 def parse_version(versions: Sequence[str]) -> tuple[int, ...]:
@@ -245,10 +188,7 @@ def _batched(rows: Sequence[T], size: int = BATCH_ROWS) -> Iterator[Sequence[T]]
         yield rows[start : start + size]
 
 
-def _missing_message(what: str, missing: Sequence[str]) -> str:
-    shown = ", ".join(repr(m) for m in missing[:10])
-    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-    return f"unknown {what}{'s' if len(missing) > 1 else ''}: {shown}{more}"
+_missing_message = rules.missing_message
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -414,13 +354,8 @@ class Neo4jGraphStore:
         return int(rows[0]["dim"]) if rows else None
 
     def _check_dims(self, owners: Iterable[tuple[str, int]]) -> None:
-        """Every embedding in the graph has one dimension: the first stored one fixes it."""
-        stored = self._graph_dim()
-        for owner, dim in owners:
-            if stored is None:
-                stored = dim
-            elif dim != stored:
-                raise GraphError(f"{owner}: embedding has {dim} dimensions, the graph stores {stored}")
+        """Every embedding in the graph has one dimension (the stored embeddings carry it)."""
+        rules.check_dimensions(self._graph_dim(), owners)
 
     @staticmethod
     def _require(tx: Any, query: str, ids: Iterable[str], what: str) -> None:
@@ -439,10 +374,10 @@ class Neo4jGraphStore:
         Counts by ``content_hash`` (by the whole record when it is empty); a changed hash clears stored
         calibration fields unless the incoming record sets them.
         """
-        batch = unique_experts(experts)
+        batch = rules.unique_experts(experts)
         if not batch:
             return UpsertResult()
-        self._check_dims((f"expert {e.id!r}", len(e.embedding)) for e in batch.values() if e.embedding)
+        self._check_dims(rules.embedding_dims(batch.values()))
         outcome: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": []}
         # One transaction per chunk keeps transaction memory bounded for big crawls; experts are independent.
         for chunk_ids in _batched(list(batch)):
@@ -517,15 +452,10 @@ class Neo4jGraphStore:
 
     # reference prompts and capabilities ---------------------------------------------------------
     def upsert_ref_prompts(self, prompts: Sequence[RefPrompt]) -> int:
-        batch = {p.id: p for p in prompts}
+        batch = rules.unique_ref_prompts(prompts)
         if not batch:
             return 0
-        for p in batch.values():
-            if p.embedding:
-                check_vector(f"reference prompt {p.id!r}", p.embedding)
-        self._check_dims(
-            (f"reference prompt {p.id!r}", len(p.embedding)) for p in batch.values() if p.embedding
-        )
+        self._check_dims(rules.embedding_dims(batch.values(), "reference prompt"))
         rows = [ref_prompt_row(p) for p in batch.values()]
 
         def work(tx: Any) -> int:
@@ -544,7 +474,7 @@ class Neo4jGraphStore:
 
     def write_capabilities(self, capabilities: Sequence[Capability]) -> int:
         """One CAPABILITY edge per (expert, prompt), all properties replaced; all-or-nothing on unknown ids."""
-        batch = unique_capabilities(capabilities)
+        batch = rules.unique_capabilities(capabilities)
         if not batch:
             return 0
         rows = [{"expert_id": e, "prompt_id": p, "props": capability_props(c)} for (e, p), c in batch.items()]
@@ -573,10 +503,9 @@ class Neo4jGraphStore:
         rows = self._read(q.EXPERT_EMBEDDINGS_QUERY)
         dim = self._graph_dim()
         rows = [r for r in rows if len(r["embedding"]) == dim]
-        ids = [r["id"] for r in rows]
-        families = [r["base_family"] or "" for r in rows]
         matrix = np.asarray([r["embedding"] for r in rows], dtype=np.float32).reshape(len(rows), -1)
-        edges = [{"src": s, "dst": d, "score": sc} for s, d, sc in top_k_similar(ids, families, matrix, k)]
+        similar = rules.top_k_similar([r["id"] for r in rows], [r["base_family"] for r in rows], matrix, k)
+        edges = [{"src": s, "dst": d, "score": sc} for s, d, sc in similar]
 
         def work(tx: Any) -> int:
             tx.run(q.DELETE_SIMILAR_QUERY).consume()
@@ -599,17 +528,15 @@ class Neo4jGraphStore:
         Uses the native vector index when there is one (widening its candidate pool until the filters
         leave ``k`` or the pool holds every expert), else exact cosine computed in Cypher.
         """
-        query = check_vector("query", embedding)
+        query = rules.check_vector("query", embedding)
         f = filters or CandidateFilter()
-        kinds = kinds_for(kind)
+        kinds = rules.kind_values(kind)
         if k <= 0:
             return []
         total = int(self._read(q.COUNT_EMBEDDED_EXPERTS_QUERY)[0]["n"])
         if total == 0:
             return []
-        dim = self._graph_dim()
-        if dim is not None and query.size != dim:
-            raise GraphError(f"query embedding has {query.size} dimensions, the graph stores {dim}")
+        rules.check_query_dimension("query", query, self._graph_dim())
         params = {
             "embedding": query.tolist(),
             "k": int(k),
@@ -637,7 +564,7 @@ class Neo4jGraphStore:
             rows = self._read(
                 q.CANDIDATES_BRUTE_FORCE_QUERY, query_norm=float(np.linalg.norm(query)), **params
             )
-        return rank_candidates([expert_from_props(r["expert"]) for r in rows], query, k)
+        return rules.rank_candidates([expert_from_props(r["expert"]) for r in rows], query, k)
 
     # activation ----------------------------------------------------------------------------------
     def activate_subgraph(
@@ -650,24 +577,15 @@ class Neo4jGraphStore:
             r["expert"]["id"]: expert_from_props(r["expert"])
             for r in self._read(q.GET_EXPERTS_QUERY, ids=ids)
         }
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise NotFoundError(_missing_message("expert", missing))
+        rules.require_known("expert", ids, found)
         similar = self._read(q.ACTIVATION_SIMILAR_QUERY, ids=ids)
-        neighbour_ids = [
-            i for i in dict.fromkeys(x for r in similar for x in (r["src"], r["dst"])) if i not in found
-        ]
+        neighbour_ids = rules.neighbour_ids(ids, [(r["src"], r["dst"], r["score"]) for r in similar])
         if neighbour_ids:
             for r in self._read(q.GET_EXPERTS_QUERY, ids=neighbour_ids):
                 found[r["expert"]["id"]] = expert_from_props(r["expert"])
         caps = self._read(q.ACTIVATION_CAPABILITIES_QUERY, ids=ids)
-        sub = build_subgraph([found[i] for i in [*ids, *neighbour_ids]], similar, caps, dim)
-        if prompt_embedding is not None:
-            vector = check_vector("prompt", prompt_embedding)
-            if vector.size != dim:
-                raise GraphError(f"prompt embedding has {vector.size} dimensions, the graph stores {dim}")
-            sub = sub.with_prompt("", vector)
-        return sub
+        sub = build_subgraph([found[i] for i in [*ids, *neighbour_ids] if i in found], similar, caps, dim)
+        return rules.attach_prompt(sub, prompt_embedding, dim)
 
     # generations and stats -----------------------------------------------------------------------
     def record_generation(
@@ -678,13 +596,7 @@ class Neo4jGraphStore:
         created_at: datetime | None = None,
     ) -> None:
         """Create or replace the :Generation ``generation_id`` and its USED edges (idempotent)."""
-        if not generation_id:
-            raise GraphError("a generation needs an id")
-        coefficients: dict[str, float] = {}
-        for expert_id, coefficient in used:
-            if not math.isfinite(float(coefficient)):
-                raise GraphError(f"generation {generation_id!r}: non-finite coefficient for {expert_id!r}")
-            coefficients[expert_id] = float(coefficient)
+        coefficients = rules.generation_coefficients(generation_id, used)
         rows = [{"expert_id": e, "coefficient": c} for e, c in coefficients.items()]
 
         def work(tx: Any) -> None:
@@ -693,7 +605,7 @@ class Neo4jGraphStore:
                 q.MERGE_GENERATION_QUERY,
                 {
                     "id": generation_id,
-                    "prompt": prompt[:MAX_PROMPT_CHARS],
+                    "prompt": rules.generation_prompt(prompt),
                     "created_at": created_at,
                     "now": utcnow(),
                 },
@@ -715,62 +627,29 @@ class Neo4jGraphStore:
 # ------------------------------------------------------------------------------------ result assembly
 
 
-def rank_candidates(experts: Sequence[Expert], query: np.ndarray, k: int) -> list[Candidate]:
-    """Exact cosine of each expert's embedding to ``query``, best first, ties by id, at most ``k``."""
-    qn = query / max(float(np.linalg.norm(query)), 1e-12)
-    scored = []
-    for e in experts:
-        if not e.embedding or len(e.embedding) != query.size:
-            continue
-        v = np.asarray(e.embedding, dtype=np.float64)
-        scored.append((float(v @ qn / max(float(np.linalg.norm(v)), 1e-12)), e))
-    scored.sort(key=lambda t: (-round(t[0], 6), t[1].id))  # float noise must not beat the id tie-break
-    return [Candidate(e, s) for s, e in scored[:k]]
-
-
-def _expert_node(e: Expert) -> SubgraphNode:
-    return SubgraphNode(
-        e.id,
-        "checkpoint" if e.kind is ExpertKind.checkpoint else "lora",
-        text=e.name,
-        family=e.base_family,
-        popularity=float(e.popularity or 0.0),
-    )
-
-
 def build_subgraph(
     experts: Sequence[Expert],
     similar: Sequence[dict[str, Any]],
     capabilities: Sequence[dict[str, Any]],
     dim: int,
 ) -> Subgraph:
-    """Assemble a ``Subgraph`` from query rows: experts (selected, then neighbours) in the given order,
-    then the reference prompts by id; SIMILAR_TO edges, then CAPABILITY edges with their metrics.
-
-    ``similar`` rows have ``src``, ``dst``, ``score``; ``capabilities`` rows have ``expert_id``,
-    ``prompt`` (node properties) and ``capability`` (edge properties). Missing embeddings are zero rows.
-    """
-    nodes = [_expert_node(e) for e in experts]
-    vectors = [e.embedding if e.embedding and len(e.embedding) == dim else None for e in experts]
-    edges: dict[tuple[str, str, str], SubgraphEdge] = {}
-    for r in similar:
-        edges[(r["src"], r["dst"], "SIMILAR_TO")] = SubgraphEdge(
-            r["src"], r["dst"], "SIMILAR_TO", float(r["score"])
-        )
-    prompts: dict[str, RefPrompt] = {}
+    """``rules.assemble_subgraph`` over query rows: ``similar`` rows have ``src``, ``dst``, ``score``;
+    ``capabilities`` rows have ``expert_id``, ``prompt`` (node properties) and ``capability`` (edge
+    properties). ``experts`` are the selected experts, then the neighbours."""
+    prompts: dict[str, tuple[SubgraphNode, list[float] | None]] = {}
+    caps = []
     for r in capabilities:
         prompt = ref_prompt_from_props(r["prompt"])
-        prompts[prompt.id] = prompt
-        cap = capability_from_props(r["expert_id"], prompt.id, r["capability"])
-        edges[(cap.expert_id, cap.prompt_id, "CAPABILITY")] = SubgraphEdge(
-            cap.expert_id, cap.prompt_id, "CAPABILITY", cap.score, dict(cap.metrics)
+        prompts[prompt.id] = (
+            SubgraphNode(prompt.id, "refprompt", text=prompt.text, category=prompt.category),
+            prompt.embedding,
         )
-    for pid in sorted(prompts):
-        p = prompts[pid]
-        nodes.append(SubgraphNode(p.id, "refprompt", text=p.text, category=p.category))
-        vectors.append(p.embedding if p.embedding and len(p.embedding) == dim else None)
-    matrix = np.zeros((len(nodes), dim), dtype=np.float32)
-    for i, v in enumerate(vectors):
-        if v is not None:
-            matrix[i] = v
-    return Subgraph(nodes=nodes, edges=list(edges.values()), embeddings=matrix)
+        cap = capability_from_props(r["expert_id"], prompt.id, r["capability"])
+        caps.append((cap.expert_id, cap.prompt_id, cap.score, cap.metrics))
+    return rules.assemble_subgraph(
+        [(rules.expert_node_of(e), e.embedding) for e in experts],
+        [(r["src"], r["dst"], float(r["score"])) for r in similar],
+        caps,
+        prompts,
+        dim,
+    )
