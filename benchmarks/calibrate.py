@@ -125,7 +125,7 @@ def main() -> None:
     import torch
 
     from calibration.testing import build_tiny_clip
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from merger.testing import build_tiny_zoo
 
     if args.full and not torch.cuda.is_available():

@@ -77,7 +77,7 @@ def main() -> int:
     from crawler.run import crawl
     from crawler.skills import embedding_text, offline_report
     from crawler.testing import CivitaiFixtureServer
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     items = synthetic_items(args.n)
     with tempfile.TemporaryDirectory(prefix="diffgraph-bench-") as tmp, CivitaiFixtureServer(items) as server:

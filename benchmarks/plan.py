@@ -165,7 +165,7 @@ def lora_queries(experts: list[Expert], lora_items: list[dict]) -> list[tuple[st
 
 
 def retrieval_quality(embedder) -> dict:
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from planner.parse import parse_offline
     from planner.retrieval import Query, candidate_filter, rank_experts
 
@@ -205,7 +205,7 @@ def retrieval_quality(embedder) -> dict:
 
 # ---- synthetic large graph ------------------------------------------------------------------------
 def build_large_graph(settings: Settings, embedder, n_experts: int, seed: int = 0) -> dict:
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     rng = np.random.default_rng(seed)
     base, _ = civitai_experts(embedder)
@@ -267,7 +267,7 @@ def build_large_graph(settings: Settings, embedder, n_experts: int, seed: int = 
 
 
 def latency(settings: Settings, embedder, prompts: list[str], runs: int) -> dict:
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from planner import make_plan
     from planner.agent import ExpertSelectionAgent
 

@@ -285,7 +285,7 @@ def calibrate_experts(
     """
     from calibration.refset import ensure_ref_prompts, load_reference_set
     from calibration.scorers import Unavailable, available_scorers, scorer_version
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     refset = load_reference_set()
     n = n_prompts if n_prompts is not None else (settings.calib_prompts or None)

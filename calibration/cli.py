@@ -12,7 +12,8 @@ from core.settings import get_settings
 
 def _pending_ids(settings: Any, limit: int) -> list[str]:
     from calibration.refset import load_reference_set
-    from graphdb.store import ExpertFilter, store_session
+    from graphdb.backends import store_session
+    from graphdb.store import ExpertFilter
 
     version = load_reference_set().version
     with store_session(settings) as store:

@@ -57,7 +57,8 @@ def sweep(settings: Any, limit: int = 1000) -> dict[str, Any]:
     """The sweep itself: ``{"ref_set_version", "found", "enqueued", "task_ids", "calibrated"}``."""
     from calibration.refset import load_reference_set
     from core.queue import send
-    from graphdb.store import ExpertFilter, store_session
+    from graphdb.backends import store_session
+    from graphdb.store import ExpertFilter
 
     version = load_reference_set().version
     with store_session(settings) as store:

@@ -288,7 +288,7 @@ def ensure_local(settings: Settings, expert: Expert | str, progress: bool = Fals
     (``downloaded`` | ``refused`` | ``failed``) and errors are re-raised as ``DownloadError`` subclasses.
     """
     if isinstance(expert, str):
-        from graphdb.store import store_session
+        from graphdb.backends import store_session
 
         with store_session(settings) as store:
             expert = store.get_expert(expert)

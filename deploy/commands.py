@@ -25,7 +25,7 @@ def health(settings: Settings) -> dict[str, tuple[bool, str]]:
     """Probe every configured backend."""
 
     def graph() -> str:
-        from graphdb.store import store_session
+        from graphdb.backends import store_session
 
         with store_session(settings) as store:
             stats = store.stats()

@@ -144,7 +144,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
     from crawler.run import crawl
     from crawler.testing import CivitaiFixtureServer, civitai_item_for
     from deploy.generation import run_generation
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from merger.testing import build_tiny_zoo
     from planner.train import train_planner
 
@@ -255,7 +255,7 @@ def _subgraph_page(settings: Settings, expert_ids: list[str], path: Path) -> boo
     """Write the activated subgraph of a plan as an interactive neo4j-viz page; False if nothing to show."""
     if not expert_ids:
         return False
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from graphdb.viz import render_html, view_of
 
     with store_session(settings) as store:

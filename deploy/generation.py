@@ -105,7 +105,7 @@ def _check_explicit_plan(settings: Settings, plan: MergePlan) -> dict[str, Exper
         )
     if not plan.experts:
         return {}
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     found: dict[str, Expert] = {}
     missing: list[str] = []
@@ -241,7 +241,7 @@ def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Exper
     if not plan.experts:
         return
     from crawler.downloads import ensure_local
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     experts = dict(known)
     if any(pe.expert_id not in experts for pe in plan.experts):
@@ -263,7 +263,7 @@ def _sampler_prompt(prompt: str) -> str:
 
 
 def _record_graph(settings: Settings, job_id: str, prompt: str, plan: MergePlan) -> None:
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     used = [(pe.expert_id, float(pe.coefficient)) for pe in plan.experts]
     with store_session(settings) as store:

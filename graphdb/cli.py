@@ -25,7 +25,7 @@ def stats_command(
     ] = False,
 ) -> None:
     """Count nodes per label and relationships per type."""
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     with user_errors(), store_session(get_settings()) as store:
         stats = store.stats()
@@ -46,7 +46,7 @@ def stats_command(
 @graph_app.command("show")
 def show_command(expert_id: Annotated[str, typer.Argument(help="Expert id, e.g. civitai:128713.")]) -> None:
     """Show one expert with its base model, tags, creator, capabilities and similar experts."""
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     with user_errors(), store_session(get_settings()) as store:
         expert = store.get_expert(expert_id)
@@ -128,7 +128,7 @@ def export_command(
     ] = MAX_VIEW_NODES,
 ) -> None:
     """Write the graph (capped) or one expert's neighbourhood as an interactive HTML page (neo4j-viz)."""
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     with user_errors():
         if html.exists() and html.is_dir():

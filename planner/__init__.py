@@ -22,7 +22,7 @@ def make_plan(settings: Settings, prompt: str, method: str = "vgae", seed: int =
         DiffGraphError: the graph has no experts.
     """
     from core.llm import get_llm
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
     from planner.agent import ExpertSelectionAgent
     from planner.coefficients import check_method
     from planner.retrieval import validate_prompt

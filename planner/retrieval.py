@@ -25,7 +25,8 @@ import numpy as np
 from core.embeddings import Embedder, get_embedder
 from core.settings import Settings
 from core.types import Expert, ExpertKind, ValidationFailed
-from graphdb.store import Candidate, CandidateFilter, GraphStore, store_session
+from graphdb.backends import store_session
+from graphdb.store import Candidate, CandidateFilter, GraphStore
 from planner.parse import QUALITY_TERMS, parse_offline
 from planner.requirements import Requirements
 

@@ -23,7 +23,7 @@ import torch
 
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
-from graphdb.store import store_session
+from graphdb.backends import store_session
 from graphdb.subgraph import Subgraph
 from planner.checkpoint import save_checkpoint
 from planner.graph import GraphTensors, link_ref_prompts, to_tensors

@@ -16,7 +16,8 @@ from scrapy.exceptions import DropItem
 
 from crawler.items import SourceRecord
 from crawler.pipelines.base import BatchStage
-from graphdb.store import GraphStore, open_store
+from graphdb.backends import open_store
+from graphdb.store import GraphStore
 
 IDLE_CLOSE_S = 1.0
 HOLD_MAX_S = 5.0
