@@ -12,8 +12,9 @@ from typing import Any
 
 from celery import shared_task
 
+from core.queue import CALIBRATE_EXPERT, SWEEP_UNCALIBRATED
+from core.retry import Transient, retry_or_raise
 from core.settings import get_settings
-from graphdb.store import GraphUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,36 +22,40 @@ SOFT_TIME_LIMIT_S = 2 * 3600  # a full reference set at 512 px / 20 steps fits c
 TIME_LIMIT_S = SOFT_TIME_LIMIT_S + 300
 
 
-class TransientCalibrationError(RuntimeError):
+class TransientCalibrationError(Transient, RuntimeError):
     """The expert could not be calibrated for a reason a later attempt may not have."""
 
 
-# graph locked/unreachable, broker/network hiccups; everything else is the expert's own fault
-TRANSIENT = (GraphUnavailable, TransientCalibrationError, ConnectionError, TimeoutError)
+# graph busy/unreachable, broker/network hiccups are retried (core.retry); everything else is the expert's
+# own fault
+RETRY_BASE_S = 10.0
+RETRY_CAP_S = 600.0
 
 
-@shared_task(name="calibration.calibrate_expert", bind=True, acks_late=True, max_retries=3,
-             autoretry_for=TRANSIENT, retry_backoff=10, retry_backoff_max=600, retry_jitter=True,
+@shared_task(name=CALIBRATE_EXPERT, bind=True, acks_late=True, max_retries=3,
              soft_time_limit=SOFT_TIME_LIMIT_S, time_limit=TIME_LIMIT_S)
 def calibrate_expert(self: Any, expert_id: str, n_prompts: int | None = None,
                      n_seeds: int | None = None) -> dict[str, Any]:
     """Calibrate ``expert_id``; returns the outcome as JSON. Transient failures are retried with backoff."""
     from calibration.calibrate import calibrate_experts
 
-    (outcome,) = calibrate_experts(get_settings(), [expert_id], n_prompts=n_prompts, n_seeds=n_seeds,
-                                   task_id=self.request.id)
-    if outcome.transient:
-        log.warning("calibration of %s failed transiently (attempt %d): %s", expert_id,
-                    self.request.retries + 1, outcome.error)
-        raise TransientCalibrationError(outcome.error or "transient failure")
+    try:
+        (outcome,) = calibrate_experts(get_settings(), [expert_id], n_prompts=n_prompts, n_seeds=n_seeds,
+                                       task_id=self.request.id)
+        if outcome.transient:
+            raise TransientCalibrationError(outcome.error or "transient failure")
+    except Exception as exc:
+        retry_or_raise(self, exc, base=RETRY_BASE_S, cap=RETRY_CAP_S)
     return outcome.to_json()
 
 
-@shared_task(name="calibration.sweep_uncalibrated", bind=True, acks_late=True, max_retries=3,
-             autoretry_for=(GraphUnavailable,), retry_backoff=10, retry_backoff_max=600)
+@shared_task(name=SWEEP_UNCALIBRATED, bind=True, acks_late=True, max_retries=3)
 def sweep_uncalibrated(self: Any, limit: int = 1000) -> dict[str, Any]:
     """Find experts not calibrated for the current reference set; enqueue each (or calibrate in-process)."""
-    return sweep(get_settings(), limit=limit)
+    try:
+        return sweep(get_settings(), limit=limit)
+    except Exception as exc:
+        retry_or_raise(self, exc, base=RETRY_BASE_S, cap=RETRY_CAP_S)
 
 
 def sweep(settings: Any, limit: int = 1000) -> dict[str, Any]:
@@ -68,7 +73,7 @@ def sweep(settings: Any, limit: int = 1000) -> dict[str, Any]:
     if not ids:
         return result
     if settings.celery_enabled:
-        result["task_ids"] = [send(settings, "calibration.calibrate_expert", (eid,)) for eid in ids]
+        result["task_ids"] = [send(settings, CALIBRATE_EXPERT, (eid,)) for eid in ids]
         result["enqueued"] = len(ids)
     else:
         from calibration.calibrate import calibrate_experts

@@ -14,13 +14,19 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Task names and their queues: the contract between producers and the workers in deploy/.
+# Task names, written once: the contract between producers, the task modules and the workers in deploy/.
+INGEST = "crawler.ingest"
+CALIBRATE_EXPERT = "calibration.calibrate_expert"
+SWEEP_UNCALIBRATED = "calibration.sweep_uncalibrated"
+RETRAIN_PLANNER = "planner.retrain"
+GENERATE = "deploy.generate"
+# ... and their queues
 TASK_QUEUES = {
-    "crawler.ingest": "ingest",
-    "calibration.calibrate_expert": "calibrate",
-    "calibration.sweep_uncalibrated": "calibrate",
-    "planner.retrain": "calibrate",
-    "deploy.generate": "generate",
+    INGEST: "ingest",
+    CALIBRATE_EXPERT: "calibrate",
+    SWEEP_UNCALIBRATED: "calibrate",
+    RETRAIN_PLANNER: "calibrate",
+    GENERATE: "generate",
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from core.retry import Transient
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
 from crawler.state import record_run, remember_failures, save_resume_point
@@ -34,6 +35,10 @@ _reactor_used = False
 
 class CrawlError(DiffGraphError):
     """A crawl could not run (bad arguments, or the child process died)."""
+
+
+class CrawlProcessFailed(CrawlError, Transient):
+    """The crawl's child process died or left no summary: a later attempt may succeed."""
 
 
 @dataclass
@@ -235,7 +240,7 @@ def _crawl_in_child(
         proc = sp.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0 or not summary_file.exists():
             tail = (proc.stderr or "").strip().splitlines()[-5:]
-            raise CrawlError(f"crawl of {source} failed in its child process (exit {proc.returncode}): "
+            raise CrawlProcessFailed(f"crawl of {source} failed in its child process (exit {proc.returncode}): "
                              + " | ".join(tail)[-800:])
         summary = CrawlSummary.from_dict(json.loads(summary_file.read_text()))
         log.info("child crawl of %s done in %.1fs", source, time.perf_counter() - start)

@@ -12,6 +12,8 @@ from typing import Any
 
 from celery import shared_task
 
+from core.queue import INGEST
+from core.retry import retry_or_raise
 from core.settings import get_settings
 from core.types import utcnow
 from crawler.run import SOURCES, CrawlError, crawl
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @shared_task(
-    name="crawler.ingest",
+    name=INGEST,
     bind=True,
     acks_late=True,
     max_retries=3,
@@ -40,5 +42,5 @@ def ingest(self: Any, source: str, limit: int | None = None) -> dict[str, Any]:
     except CrawlError as exc:
         log.error("ingest of %s failed: %s", source, exc)
         record_run(settings, source, None, error=str(exc), started_at=started)
-        raise self.retry(exc=exc, countdown=min(3600, 300 * 2**self.request.retries)) from exc
+        retry_or_raise(self, exc, base=300.0, cap=3600.0)  # retried when the child process died
     return summary.to_dict()

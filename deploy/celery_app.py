@@ -27,22 +27,24 @@ Delivery guarantees (what makes "no task is lost, no task is recorded twice" hol
   --appendfsync always`` (or ``everysec``, trading at most one second of accepted messages for speed).
   ``deploy/compose.yaml`` does this; the tests restart an AOF Redis and check no task is lost.
 
-Retries: only transient errors are retried (``is_transient``: graph lock/unavailable, broker, result
-backend and SQL connection errors), with capped exponential backoff and jitter (``retry_countdown``);
-user errors (``DiffGraphError``: bad input, unknown expert, corrupt or incompatible weights) fail at once.
+Retries: only transient errors are retried (``core.retry``, graph-aware through ``graphdb.errors.is_transient``:
+graph busy/unavailable, broker, result backend and SQL connection errors), with capped exponential backoff and
+jitter (``retry_countdown``); user errors (``DiffGraphError``: bad input, unknown expert, corrupt or
+incompatible weights) fail at once.
 """
 
 from __future__ import annotations
 
-import random
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
-from core.queue import TASK_QUEUES
+from core.queue import INGEST, RETRAIN_PLANNER, SWEEP_UNCALIBRATED, TASK_QUEUES
+from core.retry import MAX_RETRIES, RETRY_BASE_S, RETRY_CAP_S, retry_countdown  # noqa: F401 - re-exported
 from core.settings import Settings, get_settings
+from graphdb.errors import is_transient  # noqa: F401 - re-exported: the one definition, graph-aware
 
 TASK_MODULES = ("crawler.tasks", "calibration.tasks", "planner.tasks", "deploy.tasks")
 QUEUES = ("ingest", "calibrate", "generate")
@@ -50,9 +52,6 @@ QUEUES = ("ingest", "calibrate", "generate")
 DEFAULT_VISIBILITY_TIMEOUT_S: int = Settings.model_fields["visibility_timeout_s"].default
 SOFT_TIME_LIMIT_S = 3600
 HARD_TIME_LIMIT_S = 3900
-MAX_RETRIES = 5
-RETRY_BASE_S = 2.0
-RETRY_CAP_S = 120.0
 
 
 def _task_modules() -> list[str]:
@@ -79,54 +78,6 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": 5,
         "health_check_interval": 10,
     }
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying: the graph busy or unreachable, a broker/backend/SQL connection
-    error. Errors of the request itself (``DiffGraphError`` other than graph unavailability) are not."""
-    from core.types import DiffGraphError
-    from graphdb.store import GraphUnavailable
-
-    if isinstance(exc, GraphUnavailable):
-        return True
-    if isinstance(exc, DiffGraphError):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, RuntimeError) and "could not set lock" in str(exc).lower():
-        return True  # the embedded graph is held by another process
-    transient: list[type[BaseException]] = []
-    try:
-        from kombu.exceptions import OperationalError as KombuOperationalError
-
-        transient.append(KombuOperationalError)
-    except ImportError:  # pragma: no cover - kombu ships with celery
-        pass
-    try:
-        import redis.exceptions as redis_exc
-
-        transient += [redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.BusyLoadingError]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import sqlalchemy.exc as sa_exc
-
-        transient += [sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import neo4j.exceptions as neo_exc
-
-        transient += [neo_exc.ServiceUnavailable, neo_exc.SessionExpired, neo_exc.TransientError]
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, tuple(transient))
-
-
-def retry_countdown(retries: int, base: float = RETRY_BASE_S, cap: float = RETRY_CAP_S) -> float:
-    """Seconds before retry number ``retries + 1``: capped exponential backoff with full jitter."""
-    ceiling = min(cap, base * (2 ** max(0, retries)))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -163,21 +114,21 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_always_eager=not settings.celery_enabled,
         beat_schedule={
             "ingest-civitai": {
-                "task": "crawler.ingest",
+                "task": INGEST,
                 "schedule": timedelta(seconds=settings.crawl_interval_s),
                 "args": ("civitai",),
             },
             "ingest-huggingface": {
-                "task": "crawler.ingest",
+                "task": INGEST,
                 "schedule": timedelta(seconds=settings.crawl_interval_s),
                 "args": ("huggingface",),
             },
             "sweep-uncalibrated": {
-                "task": "calibration.sweep_uncalibrated",
+                "task": SWEEP_UNCALIBRATED,
                 "schedule": timedelta(seconds=settings.calib_interval_s),
             },
             "retrain-planner": {
-                "task": "planner.retrain",
+                "task": RETRAIN_PLANNER,
                 "schedule": timedelta(seconds=settings.planner_retrain_interval_s),
             },
         },

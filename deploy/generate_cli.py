@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the final result as JSON on stdout."),
     ) -> None:
         """Plan, merge and sample images for PROMPT (in-process, or through Celery with --submit)."""
-        from core.queue import send
+        from core.queue import GENERATE, send
         from deploy.generation import validate_request
 
         settings = get_settings()
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
             fail("--wait needs a result backend: set DIFFGRAPH_RESULT_URL")
         task_id = uuid.uuid4().hex
         try:
-            send(settings, "deploy.generate", (prompt, options), task_id=task_id)
+            send(settings, GENERATE, (prompt, options), task_id=task_id)
         except Exception as exc:  # broker down: one clear line
             fail(f"cannot submit to {settings.masked()['broker_url']}: {exc}".splitlines()[0])
         if not wait:

@@ -7,13 +7,15 @@ from typing import Any
 
 from celery import shared_task, signals
 
+from core.queue import GENERATE
+from core.retry import MAX_RETRIES, retry_or_raise
 from core.settings import get_settings
-from deploy.celery_app import MAX_RETRIES, is_transient, retry_countdown
+from graphdb.errors import is_transient
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="deploy.generate", bind=True, acks_late=True, reject_on_worker_lost=True,
+@shared_task(name=GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True,
              max_retries=MAX_RETRIES, track_started=True)
 def generate(self: Any, prompt: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, merge, sample and record one generation; idempotent on the task id.
@@ -31,11 +33,7 @@ def generate(self: Any, prompt: str, options: dict[str, Any] | None = None) -> d
         return run_generation(get_settings(), self.request.id, prompt, options or {}, progress,
                               worker=self.request.hostname)
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < self.max_retries:
-            countdown = retry_countdown(self.request.retries)
-            log.warning("generation %s: transient error (%s); retry in %.1fs", self.request.id, exc, countdown)
-            raise self.retry(exc=exc, countdown=countdown) from exc
-        raise
+        retry_or_raise(self, exc, transient=is_transient)
 
 
 @signals.celeryd_after_setup.connect

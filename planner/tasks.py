@@ -11,25 +11,25 @@ from typing import Any
 
 from celery import shared_task
 
+from core.queue import RETRAIN_PLANNER
+from core.retry import retry_or_raise
 from core.settings import get_settings
-from graphdb.store import GraphUnavailable
 
 log = logging.getLogger(__name__)
 
 
 @shared_task(
-    name="planner.retrain",
+    name=RETRAIN_PLANNER,
     bind=True,
     acks_late=True,
     max_retries=3,
-    autoretry_for=(GraphUnavailable,),
-    retry_backoff=10,
-    retry_backoff_max=600,
-    retry_jitter=True,
 )
 def retrain(self: Any, epochs: int = 200, seed: int = 0, force: bool = False) -> dict[str, Any]:
     """Train a new planner model unless the latest one already covers the current calibrated graph."""
-    return retrain_if_changed(get_settings(), epochs=epochs, seed=seed, force=force)
+    try:
+        return retrain_if_changed(get_settings(), epochs=epochs, seed=seed, force=force)
+    except Exception as exc:
+        retry_or_raise(self, exc, base=10.0, cap=600.0)
 
 
 def retrain_if_changed(

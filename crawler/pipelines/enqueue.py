@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import logging
 
-from core.queue import send
+from core.queue import CALIBRATE_EXPERT, send
 from crawler.items import SourceRecord
 from crawler.pipelines.base import Stage
 
 log = logging.getLogger(__name__)
-CALIBRATE_TASK = "calibration.calibrate_expert"
 
 
 class EnqueueCalibrationPipeline(Stage):
@@ -21,7 +20,7 @@ class EnqueueCalibrationPipeline(Stage):
     def process_item(self, item: SourceRecord) -> SourceRecord:
         if item.status in {"new", "updated"} and item.expert is not None:
             try:
-                task_id = send(self.settings, CALIBRATE_TASK, (item.expert.id,))
+                task_id = send(self.settings, CALIBRATE_EXPERT, (item.expert.id,))
             except Exception as exc:  # a broker outage must not lose the registered expert
                 log.warning("could not enqueue calibration of %s: %s", item.expert.id, exc)
                 self.anomaly("enqueue_failed")

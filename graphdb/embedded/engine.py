@@ -18,9 +18,8 @@ from typing import Any
 import pyarrow as pa
 import real_ladybug as _engine
 
-from graphdb.errors import GraphError, GraphUnavailable
+from graphdb.errors import ENGINE_LOCK_MARKERS, GraphBusy, GraphError, GraphUnavailable, is_engine_lock_error
 
-_LOCK_MARKERS = ("could not set lock", "lock on file")
 # Seen while another process is closing/checkpointing the same database (two Celery workers taking
 # turns): the files are mid-rewrite, so wait like for the lock instead of failing at once.
 _IN_FLUX_MARKERS = ("shadow file", "no corresponding database file", "reading past the end")
@@ -53,10 +52,10 @@ def _open_database(path: Path, timeout_s: float) -> Any:
             return _engine.Database(str(path), compression=False, checkpoint_threshold=CHECKPOINT_BYTES)
         except RuntimeError as exc:
             message = str(exc)
-            if not any(m in message.lower() for m in (*_LOCK_MARKERS, *_IN_FLUX_MARKERS)):
+            if not any(m in message.lower() for m in (*ENGINE_LOCK_MARKERS, *_IN_FLUX_MARKERS)):
                 raise GraphUnavailable(f"cannot open the embedded graph at {path}: {message}") from exc
             if time.monotonic() >= deadline:
-                raise GraphUnavailable(
+                raise GraphBusy(
                     f"the embedded graph at {path} is locked by another process (waited {timeout_s:.0f} s); "
                     "the embedded backend admits one process at a time — stop the other process or use Neo4j"
                 ) from exc
@@ -130,6 +129,10 @@ class Engine:
         try:
             return self._conn.execute(self._statement(query), dict(params or {}))
         except RuntimeError as exc:
+            if is_engine_lock_error(exc):
+                raise GraphBusy(
+                    f"the embedded graph at {self.path} is locked by another process: {exc}"
+                ) from exc
             raise GraphError(f"embedded graph query failed: {exc}") from exc
 
     def execute(self, query: str, params: Mapping[str, Any] | None = None) -> list[list[Any]]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt, utcnow
 from graphdb import rules
-from graphdb.errors import GraphError, GraphUnavailable
+from graphdb.errors import GraphBusy, GraphError, GraphUnavailable
 from graphdb.neo4j import queries as q
 from graphdb.rules import (  # noqa: F401 - classify, record_hash... keep their old import path here
     check_vector,
@@ -306,6 +306,8 @@ class Neo4jGraphStore:
             raise GraphUnavailable(f"Neo4j at {self.uri} rejected the credentials: {_one_line(exc)}") from exc
         except (nex.ServiceUnavailable, nex.SessionExpired, OSError) as exc:
             raise GraphUnavailable(f"Neo4j is unreachable at {self.uri}: {_one_line(exc)}") from exc
+        except nex.TransientError as exc:  # outlived the driver's own retries (deadlock, leader switch...)
+            raise GraphBusy(f"Neo4j is busy at {self.uri}: {_one_line(exc)}") from exc
         except nex.Neo4jError as exc:
             if "DatabaseNotFound" in (exc.code or ""):
                 raise GraphUnavailable(
