@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEXT = 20_000  # upper bound for any free text stored on a node
 MAX_SHORT = 512
+# The one bound on a user's prompt (API, CLI, planner). The sampler reads fewer characters
+# (``merger.generate.MAX_SAMPLER_PROMPT_CHARS``: its text encoder sees 77 tokens) and the graph stores up to
+# ``MAX_TEXT`` of any free text; neither is a second prompt limit.
+MAX_PROMPT_CHARS = 10_000
 
 
 def utcnow() -> datetime:

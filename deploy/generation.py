@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.settings import Settings
 from core.types import (
+    MAX_PROMPT_CHARS,
     DiffGraphError,
     Expert,
     GenerationStatus,
@@ -29,7 +30,6 @@ from deploy.storage import get_storage
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 10_000
 MAX_STEPS = 200
 MAX_SIZE = 2048
 MAX_IMAGES = 8
@@ -257,9 +257,9 @@ def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Exper
 def _sampler_prompt(prompt: str) -> str:
     """The prompt as the sampler takes it: its text encoder reads at most 77 tokens, and the merger
     bounds prompts more tightly than the 10,000 characters a job may carry, so longer text is cut."""
-    from merger.generate import MAX_PROMPT_CHARS as sampler_max
+    from merger.generate import MAX_SAMPLER_PROMPT_CHARS
 
-    return prompt[:sampler_max]
+    return prompt[:MAX_SAMPLER_PROMPT_CHARS]
 
 
 def _record_graph(settings: Settings, job_id: str, prompt: str, plan: MergePlan) -> None:

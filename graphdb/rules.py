@@ -21,16 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt
+from core.types import MAX_TEXT, Capability, Expert, ExpertKind, NotFoundError, RefPrompt
 from graphdb.errors import GraphError
 from graphdb.store import Candidate
 from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
 
 SCORE_DECIMALS = 6
 CALIBRATION_FIELDS = ("calibrated_at", "ref_set_version", "scorer_version")
-# A :Generation keeps the prompt it was made for, bounded: prompts are user input. The planner and the
-# API accept shorter prompts (core.types.MAX_PROMPT_CHARS); this bound only protects the graph.
-MAX_GENERATION_PROMPT_CHARS = 20_000
 _NO_COMMERCIAL = {"", "none", "false", "no", "0"}
 _SIMILAR_BLOCK_CELLS = 1 << 24  # score cells per block of the SIMILAR_TO computation (bounds its memory)
 
@@ -227,7 +224,9 @@ def generation_coefficients(generation_id: str, used: Iterable[tuple[str, float]
 
 
 def generation_prompt(prompt: str) -> str:
-    return prompt[:MAX_GENERATION_PROMPT_CHARS]
+    """A :Generation keeps the prompt it was made for, bounded like any free text on a node (``MAX_TEXT``;
+    requests are already held to ``core.types.MAX_PROMPT_CHARS``)."""
+    return prompt[:MAX_TEXT]
 
 
 # ------------------------------------------------------------------------------------ ranking

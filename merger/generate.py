@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from core.settings import Settings
 
 Progress = Callable[[str, int, int], None]
-MAX_PROMPT_CHARS = 2000
+MAX_SAMPLER_PROMPT_CHARS = 2000  # the text encoder reads 77 tokens; a request may carry core.types.MAX_PROMPT_CHARS
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Generator:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not p or not p.strip() for p in prompts):
             raise ValidationFailed("prompt must not be empty")
-        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
-            raise ValidationFailed(f"prompt longer than {MAX_PROMPT_CHARS} characters")
+        if any(len(p) > MAX_SAMPLER_PROMPT_CHARS for p in prompts):
+            raise ValidationFailed(f"prompt longer than {MAX_SAMPLER_PROMPT_CHARS} characters")
         if steps < 1 or num_images < 1 or width % 8 or height % 8 or width < 8 or height < 8:
             raise ValidationFailed("steps and num_images must be ≥ 1; width and height positive multiples of 8")
         report = progress or (lambda stage, step, total: None)

@@ -24,7 +24,7 @@ import numpy as np
 
 from core.embeddings import Embedder, get_embedder
 from core.settings import Settings
-from core.types import Expert, ExpertKind, ValidationFailed
+from core.types import MAX_PROMPT_CHARS, Expert, ExpertKind, ValidationFailed
 from graphdb.backends import store_session
 from graphdb.store import Candidate, CandidateFilter, GraphStore
 from planner.parse import QUALITY_TERMS, parse_offline
@@ -38,7 +38,6 @@ AVOID_FLOOR = 0.35
 MIN_POOL = 40
 FAMILY_POOL = 20
 DEFAULT_FAMILY = "sd15"
-MAX_PROMPT_CHARS = 10_000
 # Trained words so common that matching them says nothing about the expert.
 _GENERIC_TRIGGERS = frozenset({"1girl", "1boy", "girl", "boy", "solo", "woman", "man", *QUALITY_TERMS})
 

@@ -126,7 +126,7 @@ def test_generation_record_validation() -> None:
         rules.generation_coefficients("", [])
     with pytest.raises(GraphError, match="non-finite coefficient for 'a'"):
         rules.generation_coefficients("g", [("a", float("nan"))])
-    assert len(rules.generation_prompt("x" * 30_000)) == rules.MAX_GENERATION_PROMPT_CHARS
+    assert len(rules.generation_prompt("x" * 30_000)) == 20_000  # core.types.MAX_TEXT
 
 
 def test_assemble_subgraph_orders_nodes_and_edges_and_rounds_scores() -> None:
