@@ -135,19 +135,11 @@ def _batches(cfg: CalibrationConfig) -> list[tuple[int, list[RefPrompt]]]:
     return [(seed, prompts[i:i + step]) for seed in cfg.seeds for i in range(0, len(prompts), step)]
 
 
-_generators: dict[tuple[Any, ...], Any] = {}
-
-
 def _generator(settings: Settings) -> Any:
-    """One ``Generator`` per process and configuration, so a worker keeps its base pipeline between tasks."""
-    from merger.generate import Generator
+    """The process's shared ``Generator``: a worker keeps its base pipeline between tasks."""
+    from merger.generate import shared_generator
 
-    key = (settings.resolved_device(), settings.resolved_dtype(), str(settings.data_dir.resolve()),
-           settings.allow_pickle, tuple(sorted(settings.base_models.items())))
-    if key not in _generators:
-        _generators.clear()  # a new configuration: let the old pipelines go
-        _generators[key] = Generator(settings)
-    return _generators[key]
+    return shared_generator(settings)
 
 
 class _Sampler:

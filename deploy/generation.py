@@ -211,18 +211,11 @@ def _error_text(exc: BaseException) -> str:
 
 # -- the pipeline ---------------------------------------------------------------------------------------
 
-_generators: dict[str, Any] = {}
-
-
 def _generator(settings: Settings) -> Any:
-    """One ``Generator`` per configuration per process, so its pipeline cache survives across jobs."""
-    from merger.generate import Generator
+    """The process's shared ``Generator``, so its pipeline cache survives across jobs (and calibration)."""
+    from merger.generate import shared_generator
 
-    key = settings.model_dump_json()
-    if key not in _generators:
-        _generators.clear()
-        _generators[key] = Generator(settings)
-    return _generators[key]
+    return shared_generator(settings)
 
 
 def _plan(settings: Settings, prompt: str, opts: GenerateOptions) -> MergePlan:

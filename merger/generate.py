@@ -148,3 +148,18 @@ class Generator:
             restore_start = time.perf_counter()
         timings["lora"] += time.perf_counter() - restore_start
         return GenerationResult(images=list(out.images), timings=timings, lora_mode=mode)
+
+
+_shared: dict[tuple[object, ...], Generator] = {}
+
+
+def shared_generator(settings: Settings) -> Generator:
+    """The process's one ``Generator`` for the settings it reads (device, dtype, data dir, pickle policy,
+    base models), so a worker keeps its built pipelines between tasks; another configuration replaces it
+    (its pipelines are let go). Calibration and generation workers both take theirs from here."""
+    key = (settings.resolved_device(), settings.resolved_dtype(), str(Path(settings.data_dir).resolve()),
+           settings.allow_pickle, tuple(sorted(settings.base_models.items())))  # fmt: skip
+    if key not in _shared:
+        _shared.clear()
+        _shared[key] = Generator(settings)
+    return _shared[key]
