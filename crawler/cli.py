@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -63,14 +64,18 @@ def crawl_command(
 def download_command(
     expert_id: str = typer.Argument(..., help="Expert id, e.g. civitai:128713"),
     as_json: bool = typer.Option(False, "--json", help="Print {expert_id, path} as JSON on stdout."),
+    from_file: Path | None = typer.Option(
+        None, "--from-file", help="Admit this local copy instead of downloading (checked against the published SHA-256)."
+    ),
 ) -> None:
-    """Download (or reuse) an expert's primary weight file into the verified local store."""
+    """Download (or reuse) an expert's primary weight file into the verified local store. Only http(s) URLs
+    on the configured source hosts are fetched; a local file enters only through --from-file."""
     from core.cli import console, print_json, user_errors
     from core.settings import get_settings
     from crawler.downloads import ensure_local
 
     with user_errors():
-        path = ensure_local(get_settings(), expert_id, progress=not as_json)
+        path = ensure_local(get_settings(), expert_id, progress=not as_json, from_file=from_file)
     result: dict[str, Any] = {"expert_id": expert_id, "path": str(path)}
     if as_json:
         print_json(result)

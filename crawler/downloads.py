@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 from sqlalchemy import select
@@ -53,6 +53,10 @@ class DownloadError(DiffGraphError):
 
 class UnsafeFormat(DownloadError):
     """A pickle-based (or unknown) weight format while ``allow_pickle`` is off."""
+
+
+class UnsafeSource(DownloadError):
+    """A download URL that is not http(s) on a configured source host (``file://``, a bare path, ...)."""
 
 
 class HashMismatch(DownloadError):
@@ -123,6 +127,24 @@ def _ext(file: ExpertFile) -> str:
     return suffix if suffix and len(suffix) <= 16 else ".bin"
 
 
+def source_hosts(settings: Settings) -> set[str]:
+    """The hosts crawled experts may be downloaded from: those of the Civitai API and the Hub."""
+    return {urlsplit(u).netloc.lower() for u in (settings.civitai_api_url, settings.hf_url)} - {""}
+
+
+def check_source_url(settings: Settings, expert: Expert, file: ExpertFile) -> None:
+    """Raise ``UnsafeSource`` unless ``file.url`` is http(s) on a source host. A URL comes from API data
+    (untrusted): a ``file://`` URL or a bare path would copy any local file into the store, another host
+    would receive the source's token. Local files enter only through ``import_file`` (``--from-file``)."""
+    parts = urlsplit(file.url or "")
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() not in source_hosts(settings):
+        shown = (file.url or "")[:200] or "an empty URL"
+        raise UnsafeSource(
+            f"expert {expert.id}: {file.name} URL {shown!r} is not http(s) on {', '.join(sorted(source_hosts(settings)))}; "
+            f"refused (use `diffgraph download {expert.id} --from-file PATH` for a local copy)"
+        )
+
+
 def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -151,9 +173,46 @@ class DownloadStore:
     def fetch(self, expert: Expert, file: ExpertFile | None = None) -> Path:
         """The local path of ``file`` (default: the expert's primary file), downloading it if needed.
 
-        Raises ``UnsafeFormat`` (pickle without ``allow_pickle``), ``TooLarge``, ``HashMismatch``,
-        ``CorruptWeights`` or ``DownloadError`` (network/HTTP) with a message naming the expert.
+        Raises ``UnsafeFormat`` (pickle without ``allow_pickle``), ``UnsafeSource`` (not http(s) on a source
+        host), ``TooLarge``, ``HashMismatch``, ``CorruptWeights`` or ``DownloadError`` (network/HTTP) with a
+        message naming the expert.
         """
+        file = self._admissible(expert, file)
+        if file.sha256:
+            final = self.path_for(file.sha256, file)
+            if final.is_file():
+                return final
+        check_source_url(self.settings, expert, file)
+        key = file.sha256 or hashlib.sha256(file.url.encode()).hexdigest()
+        part = self.root / "partial" / f"{key}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._download(expert, file, part, self.settings.max_download_bytes)
+        except TooLarge:
+            part.unlink(missing_ok=True)
+            raise
+        return self._admit(expert, file, part)
+
+    def import_file(self, expert: Expert, source: Path, file: ExpertFile | None = None) -> Path:
+        """Admit a local copy of ``file`` (``diffgraph download ID --from-file PATH``): the same checks as a
+        download, and the source must publish a SHA-256 that the copy matches."""
+        file = self._admissible(expert, file)
+        if not file.sha256:
+            raise HashMismatch(f"expert {expert.id}: {file.name} has no published SHA-256 to check a local copy against")
+        if not source.is_file():
+            raise DownloadError(f"expert {expert.id}: {source} is not a file")
+        if source.stat().st_size > self.settings.max_download_bytes:
+            raise TooLarge(f"expert {expert.id}: {source} is over the {self.settings.max_download_bytes}-byte cap")
+        final = self.path_for(file.sha256, file)
+        if final.is_file():
+            return final
+        part = self.root / "partial" / f"{file.sha256}.import.{os.getpid()}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, part)
+        return self._admit(expert, file, part)
+
+    def _admissible(self, expert: Expert, file: ExpertFile | None) -> ExpertFile:
+        """The file to fetch, after the checks that need no bytes (format policy, declared size)."""
         file = file or expert.primary_file
         if file is None:
             raise DownloadError(f"expert {expert.id} has no weight file to download")
@@ -165,15 +224,11 @@ class DownloadStore:
         cap = self.settings.max_download_bytes
         if file.size_bytes is not None and file.size_bytes > cap:
             raise TooLarge(f"expert {expert.id}: {file.name} is {file.size_bytes} bytes, over the {cap}-byte cap")
-        if file.sha256:
-            final = self.path_for(file.sha256, file)
-            if final.is_file():
-                return final
-        key = file.sha256 or hashlib.sha256(file.url.encode()).hexdigest()
-        part = self.root / "partial" / f"{key}.part"
-        part.parent.mkdir(parents=True, exist_ok=True)
+        return file
+
+    def _admit(self, expert: Expert, file: ExpertFile, part: Path) -> Path:
+        """Verify the complete bytes in ``part`` and move them into the store (or delete them)."""
         try:
-            self._download(expert, file, part, cap)
             digest = _sha256_of(part)
             if file.sha256 and digest != file.sha256:
                 raise HashMismatch(
@@ -181,7 +236,7 @@ class DownloadStore:
                 )
             if file.is_safetensors:
                 validate_safetensors(part)
-        except (HashMismatch, CorruptWeights, TooLarge):
+        except (HashMismatch, CorruptWeights):
             part.unlink(missing_ok=True)  # never keep (or resume from) bytes we know are wrong
             raise
         final = self.path_for(digest, file)
@@ -194,14 +249,6 @@ class DownloadStore:
         url = file.url
         if not url:
             raise DownloadError(f"expert {expert.id}: {file.name} has no download URL")
-        if url.startswith("file://") or "://" not in url:
-            src = Path(unquote(urlsplit(url).path) if url.startswith("file://") else url)
-            if not src.is_file():
-                raise DownloadError(f"expert {expert.id}: {src} does not exist")
-            if src.stat().st_size > cap:
-                raise TooLarge(f"expert {expert.id}: {file.name} is over the {cap}-byte cap")
-            shutil.copyfile(src, part)
-            return
         last: Exception | None = None
         for attempt in range(ATTEMPTS):
             try:
@@ -281,10 +328,12 @@ def _record(settings: Settings, expert: Expert, file: ExpertFile, status: str, p
         rec.status, rec.local_path, rec.error = status, str(path) if path else None, error
 
 
-def ensure_local(settings: Settings, expert: Expert | str, progress: bool = False) -> Path:
+def ensure_local(settings: Settings, expert: Expert | str, progress: bool = False,
+                 from_file: Path | None = None) -> Path:
     """The verified local path of an expert's primary weight file (downloaded once, then reused).
 
-    ``expert`` may be an id, looked up in the graph. The outcome is recorded in ``ExpertFileRecord``
+    ``expert`` may be an id, looked up in the graph. ``from_file``: admit this local copy instead of
+    downloading (it must match the published SHA-256). The outcome is recorded in ``ExpertFileRecord``
     (``downloaded`` | ``refused`` | ``failed``) and errors are re-raised as ``DownloadError`` subclasses.
     """
     if isinstance(expert, str):
@@ -296,8 +345,9 @@ def ensure_local(settings: Settings, expert: Expert | str, progress: bool = Fals
     if file is None:
         raise DownloadError(f"expert {expert.id} has no weight file to download")
     try:
-        path = DownloadStore(settings, progress=progress).fetch(expert, file)
-    except UnsafeFormat as exc:
+        store = DownloadStore(settings, progress=progress)
+        path = store.fetch(expert, file) if from_file is None else store.import_file(expert, Path(from_file), file)
+    except (UnsafeFormat, UnsafeSource) as exc:
         _record(settings, expert, file, "refused", None, str(exc))
         raise
     except DownloadError as exc:

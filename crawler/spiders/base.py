@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import scrapy
 from scrapy.http import Request, Response
@@ -66,6 +67,15 @@ class SourceSpider(scrapy.Spider):
     def first_page_url(self) -> str:
         raise NotImplementedError
 
+    @property
+    def own_host(self) -> str:
+        return urlsplit(self.first_page_url()).netloc.lower()
+
+    def own_url(self, url: str) -> bool:
+        """Whether ``url`` is http(s) on this source's own host (where links taken from API data may lead)."""
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and parts.netloc.lower() == self.own_host
+
     def load_known(self) -> None:
         self.known = known_hashes(self.app_settings, self.source)
         self.listing = listing_key(self.first_page_url())
@@ -94,6 +104,11 @@ class SourceSpider(scrapy.Spider):
         ``old`` ones before ``--since``); records the resume point when the run ends before the end."""
         stats = self.crawler.stats
         left, self.left_on_page = self.left_on_page, 0
+        if next_url and not self.own_url(next_url):
+            # the next-page link is API data: never follow it off the source (file://, another host)
+            log.warning("not following next page %r: not http(s) on %s", next_url[:200], self.own_host)
+            self.crawler.stats.inc_value("diffgraph/anomaly/offsite_next_page")
+            next_url = None
         if url == self.resume_from:
             self.backfilling = True
         everything_seen = seen > 0 and unchanged + old == seen
