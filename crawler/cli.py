@@ -27,13 +27,13 @@ def crawl_command(
     """Crawl a source into the expert graph (incremental: known, unchanged versions are skipped; a run that
     stopped early, at --limit or on a broken page, is continued by the next one)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from core.cli import console, print_json, user_errors
+    from core.cli import console, fail, print_json, user_errors
     from core.settings import get_settings
-    from crawler.run import CrawlSummary, crawl
+    from crawler.run import CrawlSummary, crawl, validate_options
 
     with user_errors():
+        validate_options(source, limit, since)  # before any service is touched
         settings = get_settings()
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
@@ -47,7 +47,17 @@ def crawl_command(
                             version_ids=version_id or None, progress=tick, log_level="ERROR")
     if as_json:
         print_json(summary.to_dict())
-        return
+    else:
+        _print_summary(source, summary)
+    if summary.nothing_fetched:
+        fail(f"nothing could be fetched from {source}: {summary.first_failure or 'every page failed'}")
+
+
+def _print_summary(source: str, summary: Any) -> None:
+    from rich.table import Table
+
+    from core.cli import console
+
     table = Table(title=f"crawl {source}")
     for col in ("new", "updated", "skipped", "failed", "requests", "seconds"):
         table.add_column(col, justify="right")

@@ -24,8 +24,9 @@ from pydantic import SecretStr
 
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
+from crawler.normalize.dates import parse_datetime
 from crawler.state import record_run, remember_failures, save_resume_point
-from crawler.stats import LISTING, RESUME, RETRIED, RETRY, STOPPED
+from crawler.stats import FIRST_FAILURE, LISTING, RESUME, RETRIED, RETRY, STOPPED
 
 log = logging.getLogger(__name__)
 SOURCES = ("civitai", "huggingface")
@@ -56,6 +57,12 @@ class CrawlSummary:
     anomalies: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    first_failure: str | None = None  # the first failed page or record, "<url or id>: <reason>"
+
+    @property
+    def nothing_fetched(self) -> bool:
+        """Every page or record of the run failed: nothing was registered, updated or even seen as known."""
+        return self.failed > 0 and self.new == self.updated == self.skipped == 0
 
     def counts(self) -> dict[str, int]:
         return {"new": self.new, "updated": self.updated, "skipped": self.skipped, "failed": self.failed}
@@ -93,7 +100,22 @@ class CrawlSummary:
             failed_reasons=failed,
             anomalies={k: int(v) for k, v in group("diffgraph/anomaly/").items()},
             timings={k: round(float(v), 4) for k, v in group("diffgraph/time/").items()},
+            first_failure=stats.get(FIRST_FAILURE) or None,
         )
+
+
+def validate_options(source: str, limit: int | None, since: str | datetime | None) -> datetime | None:
+    """Check a crawl's options before anything starts (``CrawlError``, one line); returns ``since`` parsed."""
+    if source not in SOURCES:
+        raise CrawlError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    if limit is not None and limit < 0:
+        raise CrawlError(f"--limit must be 0 or more, got {limit}")
+    if since is None or isinstance(since, datetime):
+        return since
+    parsed = parse_datetime(since)
+    if parsed is None:
+        raise CrawlError(f"--since must be an ISO date such as 2024-01-31, got {str(since)[:100]!r}")
+    return parsed
 
 
 def crawl(
@@ -126,8 +148,7 @@ def crawl(
 
         summary = crawl(get_settings(), "civitai", limit=50, base_model="SD 1.5")
     """
-    if source not in SOURCES:
-        raise CrawlError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    since = validate_options(source, limit, since)
     if kind is not None and kind not in {"checkpoint", "lora", "locon"}:
         raise CrawlError(f"unknown kind {kind!r}; choose checkpoint, lora or locon")
     if version_ids and source != "civitai":

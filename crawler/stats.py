@@ -12,6 +12,13 @@ LISTING = "diffgraph/listing"  # which listing (source query) this run walked
 RESUME = "diffgraph/resume"  # where the next run continues that walk ("" = it reached the end)
 RETRY = "diffgraph/retry"  # {version id: reason} of versions that failed transiently
 RETRIED = "diffgraph/retried"  # how many of the earlier failures this run fetched again
+FIRST_FAILURE = "diffgraph/first_failure"  # "<what>: <why>" of the run's first failed page or record
+
+
+def note_failure(stats: StatsCollector, what: str, why: str) -> None:
+    """Remember the run's first failure (the one-line reason a run that fetched nothing exits with)."""
+    if not stats.get_value(FIRST_FAILURE):
+        stats.set_value(FIRST_FAILURE, f"{what}: {' '.join(why.split())}"[:300])
 
 
 def note_retry(stats: StatsCollector, version_id: str, reason: str) -> None:

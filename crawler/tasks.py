@@ -37,6 +37,8 @@ def ingest(self: Any, source: str, limit: int | None = None) -> dict[str, Any]:
     started = utcnow()
     try:
         summary = crawl(settings, source, limit=limit, subprocess=True)
+        if summary.nothing_fetched:  # the source is down or refusing us: try again later
+            raise CrawlError(f"nothing could be fetched from {source}: {summary.first_failure}")
     except CrawlError as exc:
         log.error("ingest of %s failed: %s", source, exc)
         record_run(settings, source, None, error=str(exc), started_at=started)

@@ -11,7 +11,7 @@ from scrapy.exceptions import DropItem
 
 from core.settings import Settings
 from crawler.items import SourceRecord
-from crawler.stats import note_retry
+from crawler.stats import note_failure, note_retry
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Stage:
         """``transient``: the failure may not last (a database or service error), so the next run fetches
         the version again."""
         self.stats.inc_value(f"diffgraph/failed/{reason}")
+        note_failure(self.stats, f"{item.source}:{item.version_id}", f"{reason} {detail}".strip())
         if transient:
             note_retry(self.stats, item.version_id, f"{reason}: {detail}"[:500])
         log.warning("%s:%s failed at %s: %s %s", item.source, item.version_id, self.stage, reason, detail)

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from core.settings import Settings
 from crawler.normalize.dates import parse_datetime
 from crawler.state import known_hashes, listing_key, resume_point, retry_ids
-from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_retry
+from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_failure, note_retry
 
 log = logging.getLogger(__name__)
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
@@ -142,6 +142,7 @@ class SourceSpider(scrapy.Spider):
         ``retry`` is off (the source says it is gone)."""
         stats = self.crawler.stats
         self.count("failed", reason)
+        note_failure(stats, url or "a page", f"{reason} {detail}".strip())
         if meta.get("listing"):
             stats.set_value(RESUME, url)
             stats.set_value(STOPPED, "page_error")
@@ -189,7 +190,8 @@ class SourceSpider(scrapy.Spider):
         """A page that failed for good (HTTP error after retries, network error): counted, logged."""
         request = getattr(failure, "request", None)
         log.error("giving up on %s: %s", getattr(request, "url", "?"), failure.getErrorMessage())
-        gone = bool(failure.check(HttpError)) and failure.value.response.status in (404, 410)
-        self.page_failed(getattr(request, "url", ""), getattr(request, "meta", {}), "page_error",
-                         failure.getErrorMessage(), retry=not gone)
+        status = failure.value.response.status if failure.check(HttpError) else None
+        detail = f"HTTP {status}" if status else f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self.page_failed(getattr(request, "url", ""), getattr(request, "meta", {}), "page_error", detail,
+                         retry=status not in (404, 410))
         return iter(())
