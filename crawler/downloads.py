@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from filelock import FileLock, Timeout
 from sqlalchemy import select
 
 from core.records import ExpertFileRecord, session_scope
@@ -186,12 +187,31 @@ class DownloadStore:
         key = file.sha256 or hashlib.sha256(file.url.encode()).hexdigest()
         part = self.root / "partial" / f"{key}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
+        with self._part_lock(part, file):
+            if file.sha256 and self.path_for(file.sha256, file).is_file():
+                return self.path_for(file.sha256, file)  # the process we waited for finished it
+            try:
+                self._download(expert, file, part, self.settings.max_download_bytes)
+            except TooLarge:
+                part.unlink(missing_ok=True)
+                raise
+            return self._admit(expert, file, part)
+
+    @contextmanager
+    def _part_lock(self, part: Path, file: ExpertFile) -> Iterator[None]:
+        """Exclusive use of one ``.part`` file across processes (two workers fetching the same expert would
+        interleave their bytes). An OS ``flock``: the kernel releases it when its holder dies, so a killed
+        download never leaves a stale lock, and the next holder resumes its bytes."""
+        lock = FileLock(f"{part}.lock")
         try:
-            self._download(expert, file, part, self.settings.max_download_bytes)
-        except TooLarge:
-            part.unlink(missing_ok=True)
-            raise
-        return self._admit(expert, file, part)
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process downloading %s", file.name)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def import_file(self, expert: Expert, source: Path, file: ExpertFile | None = None) -> Path:
         """Admit a local copy of ``file`` (``diffgraph download ID --from-file PATH``): the same checks as a
