@@ -65,6 +65,7 @@ def scrapy_settings(settings: Settings, limit: int | None = None, **overrides: A
         # http(s) only: a URL taken from API data must never read local files (file://) or reach other
         # protocols; Scrapy fails such a request with NotSupported
         "DOWNLOAD_HANDLERS": {"file": None, "data": None, "s3": None, "ftp": None},
+        "STATS_CLASS": "crawler.stats.ThreadSafeStatsCollector",  # batch stages count from worker threads
         "DIFFGRAPH_SETTINGS": settings,
         "DIFFGRAPH_ITEM_LIMIT": item_limit,
         # Items of one response travel the pipelines together (CONCURRENT_ITEMS at a time): a batch of the

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from typing import Any
 
-if TYPE_CHECKING:
-    from scrapy.statscollectors import StatsCollector
+from scrapy.statscollectors import MemoryStatsCollector, StatsCollector
 
 STOPPED = "diffgraph/stopped_at"  # why the listing walk ended
 LISTING = "diffgraph/listing"  # which listing (source query) this run walked
@@ -28,3 +28,32 @@ def note_retry(stats: StatsCollector, version_id: str, reason: str) -> None:
         failures = {}
         stats.set_value(RETRY, failures)
     failures[str(version_id)] = reason
+
+
+class ThreadSafeStatsCollector(MemoryStatsCollector):
+    """Scrapy's in-memory stats with a lock: batch stages update them from their worker threads while the
+    event loop updates them too (``inc_value`` is a read-modify-write)."""
+
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self._lock = threading.RLock()
+
+    def set_value(self, key: str, value: Any, spider: Any = None) -> None:
+        with self._lock:
+            super().set_value(key, value)
+
+    def inc_value(self, key: str, count: int | float = 1, start: int | float = 0, spider: Any = None) -> None:
+        with self._lock:
+            super().inc_value(key, count, start)
+
+    def max_value(self, key: str, value: Any, spider: Any = None) -> None:
+        with self._lock:
+            super().max_value(key, value)
+
+    def min_value(self, key: str, value: Any, spider: Any = None) -> None:
+        with self._lock:
+            super().min_value(key, value)
+
+    def get_stats(self, spider: Any = None) -> dict[str, Any]:
+        with self._lock:
+            return dict(super().get_stats())

@@ -489,10 +489,11 @@ class HFFixtureServer(_FixtureServer):
 # --------------------------------------------------------------------------------------------------
 class FakeLLMServer:
     """A loopback OpenAI-compatible ``POST /v1/chat/completions`` that answers with ``replies`` (one per
-    call, the last one repeated) and records each request body in ``.calls``. Point
+    call, the last one repeated; an ``int`` is sent as that HTTP error status) and records each request
+    body in ``.calls``. Point
     ``llm_base_url`` at ``.base_url`` to exercise the real ``openai`` client path."""
 
-    def __init__(self, replies: Sequence[str]) -> None:
+    def __init__(self, replies: Sequence[str | int]) -> None:
         self.replies = list(replies)
         self.calls: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -509,6 +510,14 @@ class FakeLLMServer:
                     outer.calls.append(body)
                     idx = min(len(outer.calls) - 1, len(outer.replies) - 1)
                     content = outer.replies[idx]
+                if isinstance(content, int):  # an HTTP error status: the endpoint is failing
+                    self.send_response(content)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("retry-after-ms", "1")  # the openai client's own retry, at once
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
                 reply = {
                     "id": f"chatcmpl-{len(outer.calls)}",
                     "object": "chat.completion",
