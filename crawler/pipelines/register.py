@@ -73,10 +73,14 @@ def register_experts(settings: Settings, experts: list[Expert], timings: dict[st
 class RegisterPipeline(BatchStage):
     stage = "register"
 
-    async def open_spider(self) -> None:
+    def open_spider(self) -> None:
+        # Load the model on the stage's worker thread while the first pages download: it takes seconds,
+        # and the first batch, queued on the same thread, waits for it.
+        self.worker.submit(self._load)
+
+    def _load(self) -> None:
         start = time.perf_counter()
-        # load the model once, before the first batch waits on it, on the worker thread (it takes seconds)
-        await self.in_worker(get_embedder, self.settings)
+        get_embedder(self.settings)
         self.stats.inc_value("diffgraph/time/register.load", time.perf_counter() - start)
 
     def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:

@@ -59,6 +59,7 @@ class SourceSpider(scrapy.Spider):
         self.resume_from: str | None = None
         self.backfilling = False
         self.left_on_page = 0  # versions of the current listing page refused by the item limit
+        self.page_in_flight: str | None = None  # the listing page requested and not parsed yet
 
     @property
     def app_settings(self) -> Settings:
@@ -97,13 +98,23 @@ class SourceSpider(scrapy.Spider):
 
     # the listing walk ---------------------------------------------------------------------------
     def listing_request(self, url: str, **kwargs: Any) -> Request:
+        self.page_in_flight = url  # listing pages are walked one at a time
         return Request(url, callback=self.parse, errback=self.on_error, meta={"listing": True}, **kwargs)
+
+    def closed(self, reason: str) -> None:
+        """A run stopped from outside (SIGTERM at the crawl timeout, Ctrl-C) continues, next time, at the
+        listing page it was on."""
+        stats = self.crawler.stats
+        if reason != "finished" and self.page_in_flight and stats.get_value(RESUME) is None:
+            stats.set_value(RESUME, self.page_in_flight)
+            stats.set_value(STOPPED, reason)
 
     def after_page(self, url: str, seen: int, unchanged: int, old: int, next_url: str | None) -> Iterator[Request]:
         """Where the walk goes after a parsed listing page (``seen`` versions: ``unchanged`` known ones,
         ``old`` ones before ``--since``); records the resume point when the run ends before the end."""
         stats = self.crawler.stats
         left, self.left_on_page = self.left_on_page, 0
+        self.page_in_flight = None
         if next_url and not self.own_url(next_url):
             # the next-page link is API data: never follow it off the source (file://, another host)
             log.warning("not following next page %r: not http(s) on %s", next_url[:200], self.own_host)
