@@ -1,7 +1,8 @@
-"""Content-addressed store of expert weight files: resumable, hash-verified, size-capped, atomic.
+"""Downloads of expert weight files into the content store: resumable, hash-verified, size-capped, atomic.
 
-Layout: ``<data_dir>/blobs/sha256/<ab>/<sha256>.<ext>`` (complete, verified files only) and
-``<data_dir>/blobs/partial/<key>.part`` (an interrupted download, resumed with ``Range``).
+Verified files live in ``core.content_store`` (``DIFFGRAPH_STORE_URL``, default the data dir) as
+``blobs/sha256/<ab>/<sha256>.<ext>``; ``blobs/partial/<key>.part`` holds an interrupted download, resumed
+with ``Range`` and locked while one process writes it.
 
 Safety: only ``.safetensors`` files are accepted unless ``settings.allow_pickle`` (and then this module
 still never unpickles anything: loading is ``merger.safe_load``'s job, with ``torch.load(weights_only=True)``).
@@ -29,6 +30,7 @@ import requests
 from filelock import FileLock, Timeout
 from sqlalchemy import select
 
+from core.content_store import ContentStore, blob_key, sha256_of
 from core.records import ExpertFileRecord, session_scope
 from core.settings import Settings
 from core.types import DiffGraphError, Expert, ExpertFile
@@ -36,7 +38,6 @@ from crawler.normalize.files import is_pickle
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 READ_CHUNK = 64 * 1024  # small reads: bytes received before a dropped connection are kept
 ATTEMPTS = 5
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -146,20 +147,13 @@ def check_source_url(settings: Settings, expert: Expert, file: ExpertFile) -> No
         )
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 class DownloadStore:
     """Fetches expert files into the content-addressed store under ``<data_dir>/blobs``."""
 
     def __init__(self, settings: Settings, progress: bool = False, session: requests.Session | None = None) -> None:
         self.settings = settings
-        self.root = Path(settings.data_dir) / "blobs"
+        self.store = ContentStore(settings)
         self.progress = progress
         self.http = session or requests.Session()
         self.http.headers["User-Agent"] = settings.user_agent
@@ -169,7 +163,8 @@ class DownloadStore:
         }
 
     def path_for(self, sha256: str, file: ExpertFile) -> Path:
-        return self.root / "sha256" / sha256[:2] / f"{sha256}{_ext(file)}"
+        """Where the verified file is read from on this machine."""
+        return self.store.local_root / blob_key(sha256, _ext(file))
 
     def fetch(self, expert: Expert, file: ExpertFile | None = None) -> Path:
         """The local path of ``file`` (default: the expert's primary file), downloading it if needed.
@@ -179,17 +174,15 @@ class DownloadStore:
         message naming the expert.
         """
         file = self._admissible(expert, file)
-        if file.sha256:
-            final = self.path_for(file.sha256, file)
-            if final.is_file():
-                return final
+        if file.sha256 and (stored := self.store.get_blob(file.sha256, _ext(file))) is not None:
+            return stored
         check_source_url(self.settings, expert, file)
         key = file.sha256 or hashlib.sha256(file.url.encode()).hexdigest()
-        part = self.root / "partial" / f"{key}.part"
+        part = self.store.partial_dir() / f"{key}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
         with self._part_lock(part, file):
-            if file.sha256 and self.path_for(file.sha256, file).is_file():
-                return self.path_for(file.sha256, file)  # the process we waited for finished it
+            if file.sha256 and (stored := self.store.get_blob(file.sha256, _ext(file))) is not None:
+                return stored  # the process we waited for finished it
             try:
                 self._download(expert, file, part, self.settings.max_download_bytes)
             except TooLarge:
@@ -223,10 +216,9 @@ class DownloadStore:
             raise DownloadError(f"expert {expert.id}: {source} is not a file")
         if source.stat().st_size > self.settings.max_download_bytes:
             raise TooLarge(f"expert {expert.id}: {source} is over the {self.settings.max_download_bytes}-byte cap")
-        final = self.path_for(file.sha256, file)
-        if final.is_file():
-            return final
-        part = self.root / "partial" / f"{file.sha256}.import.{os.getpid()}.part"
+        if (stored := self.store.get_blob(file.sha256, _ext(file))) is not None:
+            return stored
+        part = self.store.partial_dir() / f"{file.sha256}.import.{os.getpid()}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, part)
         return self._admit(expert, file, part)
@@ -249,7 +241,7 @@ class DownloadStore:
     def _admit(self, expert: Expert, file: ExpertFile, part: Path) -> Path:
         """Verify the complete bytes in ``part`` and move them into the store (or delete them)."""
         try:
-            digest = _sha256_of(part)
+            digest = sha256_of(part)
             if file.sha256 and digest != file.sha256:
                 raise HashMismatch(
                     f"expert {expert.id}: {file.name} has SHA-256 {digest[:12]}…, the source says {file.sha256[:12]}…"
@@ -259,10 +251,7 @@ class DownloadStore:
         except (HashMismatch, CorruptWeights):
             part.unlink(missing_ok=True)  # never keep (or resume from) bytes we know are wrong
             raise
-        final = self.path_for(digest, file)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)  # atomic: readers see a complete, verified file or nothing
-        return final
+        return self.store.put_blob(part, digest, _ext(file))  # atomic: a complete, verified file or nothing
 
     # transfer ------------------------------------------------------------------------------------
     def _download(self, expert: Expert, file: ExpertFile, part: Path, cap: int) -> None:

@@ -41,8 +41,8 @@ def _for(settings, server):
 
 
 def _blobs(settings) -> list[Path]:
-    root = Path(settings.data_dir) / "blobs"
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    root = Path(settings.data_dir) / "blobs"  # blobs and resumable partials (lock files hold no bytes)
+    return [p for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"] if root.exists() else []
 
 
 def test_download_is_content_addressed_and_recorded(settings, weights) -> None:
