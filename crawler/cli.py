@@ -67,7 +67,7 @@ def _print_summary(source: str, summary: Any) -> None:
     for title, reasons in (("skipped", summary.skipped_reasons), ("failed", summary.failed_reasons)):
         if reasons:
             console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-    if summary.error:
+    if summary.error and not summary.nothing_fetched:  # that one is the error line that follows
         console.print(f"[yellow]warning:[/] {summary.error}")
 
 

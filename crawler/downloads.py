@@ -30,7 +30,7 @@ import requests
 from filelock import FileLock, Timeout
 from sqlalchemy import select
 
-from core.content_store import ContentStore, blob_key, sha256_of
+from core.content_store import ContentStore, sha256_of
 from core.records import ExpertFileRecord, session_scope
 from core.settings import Settings
 from core.types import DiffGraphError, Expert, ExpertFile
@@ -147,9 +147,8 @@ def check_source_url(settings: Settings, expert: Expert, file: ExpertFile) -> No
         )
 
 
-
 class DownloadStore:
-    """Fetches expert files into the content-addressed store under ``<data_dir>/blobs``."""
+    """Fetches expert files into the content store (``core.content_store``)."""
 
     def __init__(self, settings: Settings, progress: bool = False, session: requests.Session | None = None) -> None:
         self.settings = settings
@@ -161,10 +160,6 @@ class DownloadStore:
             urlsplit(settings.civitai_api_url).netloc: settings.civitai_token.get_secret_value(),
             urlsplit(settings.hf_url).netloc: settings.hf_token.get_secret_value(),
         }
-
-    def path_for(self, sha256: str, file: ExpertFile) -> Path:
-        """Where the verified file is read from on this machine."""
-        return self.store.local_root / blob_key(sha256, _ext(file))
 
     def fetch(self, expert: Expert, file: ExpertFile | None = None) -> Path:
         """The local path of ``file`` (default: the expert's primary file), downloading it if needed.

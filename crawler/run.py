@@ -215,6 +215,8 @@ def _crawl_here(
     summary = CrawlSummary.from_stats(source, stats)
     if errors:
         summary.error = errors[0]
+    elif summary.nothing_fetched:
+        summary.error = f"nothing could be fetched from {source}: {summary.first_failure}"
     if stats.get(RESUME) is not None and stats.get(LISTING):
         save_resume_point(settings, source, stats[LISTING], stats[RESUME] or None)
     remember_failures(settings, source, stats.get(RETRY) or {})
@@ -260,7 +262,8 @@ def _crawl_in_child(
         if version_ids:
             cmd += ["--version-ids", ",".join(version_ids)]
         root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its stderr is a log, not a terminal
         start = time.perf_counter()
         proc = sp.Popen(cmd, env=env, stdin=sp.DEVNULL, stdout=sp.DEVNULL, stderr=sp.PIPE, text=True,
                         errors="replace")

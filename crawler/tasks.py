@@ -69,10 +69,12 @@ def _ingest(self: Any, settings: Any, source: str, limit: int | None) -> dict[st
     started = utcnow()
     try:
         summary = crawl(settings, source, limit=limit, subprocess=True)
-        if summary.nothing_fetched:  # the source is down or refusing us: try again later
-            raise CrawlError(f"nothing could be fetched from {source}: {summary.first_failure}")
     except CrawlError as exc:
         log.error("ingest of %s failed: %s", source, exc)
         record_run(settings, source, None, error=str(exc), started_at=started)
+        raise self.retry(exc=exc, countdown=min(3600, 300 * 2**self.request.retries)) from exc
+    if summary.nothing_fetched:  # the source is down or refusing us (the run is recorded): try again later
+        exc = CrawlError(summary.error or f"nothing could be fetched from {source}")
+        log.error("ingest of %s failed: %s", source, exc)
         raise self.retry(exc=exc, countdown=min(3600, 300 * 2**self.request.retries)) from exc
     return summary.to_dict()

@@ -105,3 +105,14 @@ def test_a_crawl_child_past_its_timeout_is_stopped_and_leaves_its_resume_point(s
     relayed = {(r.levelname, r.name.split(".")[2]) for r in caplog.records if r.name.startswith("crawler.child.")}
     assert ("INFO", "civitai") in relayed  # the child's own INFO lines reach this process's log as INFO
     assert any(r.levelname == "WARNING" and "ran past" in r.getMessage() for r in caplog.records)
+
+
+def test_an_ingest_that_fetched_nothing_is_retried_and_recorded_once(settings, monkeypatch) -> None:
+    with CivitaiFixtureServer([]) as server:
+        server.fail("/models", ("status", 403))
+        monkeypatch.setenv("DIFFGRAPH_CIVITAI_API_URL", server.api_url)
+        get_settings.cache_clear()
+        result = ingest.apply(args=("civitai",))  # eager: the retry runs at once, and finds the listing
+        assert result.state == "SUCCESS" and server.count("/models?") == 2
+    state = get_state(get_settings(), "civitai")
+    assert state["runs"] == 2 and state["total_failed"] == 1  # each run recorded once, by its child
