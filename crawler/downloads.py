@@ -35,6 +35,7 @@ from core.records import ExpertFileRecord, session_scope
 from core.settings import Settings
 from core.types import DiffGraphError, Expert, ExpertFile
 from crawler.normalize.files import is_pickle
+from crawler.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class DownloadStore:
     def __init__(self, settings: Settings, progress: bool = False, session: requests.Session | None = None) -> None:
         self.settings = settings
         self.store = ContentStore(settings)
+        self._retry_after: float | None = None  # the last 429/5xx response's Retry-After
         self.progress = progress
         self.http = session or requests.Session()
         self.http.headers["User-Agent"] = settings.user_agent
@@ -255,13 +257,14 @@ class DownloadStore:
             raise DownloadError(f"expert {expert.id}: {file.name} has no download URL")
         last: Exception | None = None
         for attempt in range(ATTEMPTS):
+            self._retry_after = None
             try:
                 if self._transfer(expert, file, part, cap):
                     return
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 last = exc
                 log.info("download of %s interrupted at %d bytes (%s); resuming", file.name, _size(part), exc)
-            time.sleep(min(8.0, 0.25 * 2**attempt))
+            time.sleep(retry_wait(attempt, self._retry_after, self.settings.crawl_retry_after_max_s))
         raise DownloadError(f"expert {expert.id}: download of {file.name} failed after {ATTEMPTS} attempts: {last}")
 
     def _transfer(self, expert: Expert, file: ExpertFile, part: Path, cap: int) -> bool:
@@ -276,6 +279,7 @@ class DownloadStore:
                 return True  # the part file already holds every byte
             if resp.status_code in (429, 500, 502, 503, 504):
                 log.info("download of %s got HTTP %d; retrying", file.name, resp.status_code)
+                self._retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 return False
             if resp.status_code not in (200, 206):
                 raise DownloadError(f"expert {expert.id}: {file.name} download got HTTP {resp.status_code}")
@@ -309,6 +313,12 @@ class DownloadStore:
                       console=console, transient=True) as bar:
             task = bar.add_task(name[:40], total=total, completed=done)
             yield lambda n: bar.advance(task, n)
+
+
+def retry_wait(attempt: int, retry_after: float | None, retry_after_max: float) -> float:
+    """Seconds before download attempt ``attempt + 1``: backoff, or the server's ``Retry-After`` when longer
+    (capped by ``DIFFGRAPH_CRAWL_RETRY_AFTER_MAX_S``, as for the crawl)."""
+    return max(min(8.0, 0.25 * 2**attempt), min(retry_after or 0.0, retry_after_max))
 
 
 def _size(path: Path) -> int:

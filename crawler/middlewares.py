@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
 import time
@@ -17,26 +16,9 @@ from scrapy.http import Response
 from scrapy.settings import BaseSettings
 from scrapy.utils.response import response_status_message
 
+from crawler.retry_after import retry_after_seconds
+
 log = logging.getLogger(__name__)
-
-def retry_after_seconds(value: str | bytes | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` if unusable."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
 
 class BackoffRetryMiddleware(RetryMiddleware):
     """Scrapy's ``RetryMiddleware`` (its ``RETRY_HTTP_CODES``, ``RETRY_EXCEPTIONS`` — which name Scrapy's own

@@ -20,6 +20,7 @@ from crawler.downloads import (
     UnsafeFormat,
     UnsafeSource,
     ensure_local,
+    retry_wait,
     validate_safetensors,
 )
 from crawler.testing import CivitaiFixtureServer
@@ -188,3 +189,15 @@ def test_local_copy_enters_only_explicitly_and_is_checked(settings, weights) -> 
     unpublished = _expert("https://civitai.com/api/download/models/3", "np.safetensors", None)
     with pytest.raises(HashMismatch, match="no published SHA-256"):
         ensure_local(settings, unpublished, from_file=other)
+
+
+def test_download_retries_wait_for_retry_after_within_the_cap(settings, weights) -> None:
+    assert retry_wait(0, 30.0, 300.0) == 30.0  # the server asked for longer than the backoff
+    assert retry_wait(0, 86_400.0, 300.0) == 300.0  # a hostile day is capped
+    assert retry_wait(3, None, 300.0) == 2.0  # no header: exponential backoff
+    path = weights("busy.safetensors", seed=7)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    with CivitaiFixtureServer([], files={path.name: path}) as server:
+        server.fail(path.name, ("status", 429, 0))
+        local = DownloadStore(_for(settings, server)).fetch(_expert(server.file_url(path.name), path.name, sha))
+        assert local.read_bytes() == path.read_bytes() and server.count(path.name) == 2

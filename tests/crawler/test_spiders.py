@@ -124,7 +124,7 @@ def test_retry_after_header_forms() -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from crawler.middlewares import retry_after_seconds
+    from crawler.retry_after import retry_after_seconds
 
     assert retry_after_seconds(b"3") == 3.0
     assert retry_after_seconds("junk") is None and retry_after_seconds(None) is None
