@@ -168,6 +168,7 @@ class Settings(BaseSettings):
         out["sql_url"] = _mask_url(self.effective_sql_url)
         out["broker_url"] = _mask_url(self.broker_url)
         out["result_url"] = _mask_url(self.result_url)
+        out["store_url"] = _mask_url(self.store_url)
         return out
 
 
