@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 from scrapy.statscollectors import MemoryStatsCollector, StatsCollector
@@ -17,17 +18,19 @@ FIRST_FAILURE = "diffgraph/first_failure"  # "<what>: <why>" of the run's first 
 
 def note_failure(stats: StatsCollector, what: str, why: str) -> None:
     """Remember the run's first failure (the one-line reason a run that fetched nothing exits with)."""
-    if not stats.get_value(FIRST_FAILURE):
-        stats.set_value(FIRST_FAILURE, f"{what}: {' '.join(why.split())}"[:300])
+    with getattr(stats, "lock", nullcontext()):
+        if not stats.get_value(FIRST_FAILURE):
+            stats.set_value(FIRST_FAILURE, f"{what}: {' '.join(why.split())}"[:300])
 
 
 def note_retry(stats: StatsCollector, version_id: str, reason: str) -> None:
     """Have the next run fetch ``version_id`` again (it failed for a reason that may not last)."""
-    failures = stats.get_value(RETRY)
-    if failures is None:
-        failures = {}
-        stats.set_value(RETRY, failures)
-    failures[str(version_id)] = reason
+    with getattr(stats, "lock", nullcontext()):  # batch stages call this from their worker threads
+        failures = stats.get_value(RETRY)
+        if failures is None:
+            failures = {}
+            stats.set_value(RETRY, failures)
+        failures[str(version_id)] = reason
 
 
 class ThreadSafeStatsCollector(MemoryStatsCollector):
@@ -36,24 +39,24 @@ class ThreadSafeStatsCollector(MemoryStatsCollector):
 
     def __init__(self, crawler: Any) -> None:
         super().__init__(crawler)
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
 
     def set_value(self, key: str, value: Any, spider: Any = None) -> None:
-        with self._lock:
+        with self.lock:
             super().set_value(key, value)
 
     def inc_value(self, key: str, count: int | float = 1, start: int | float = 0, spider: Any = None) -> None:
-        with self._lock:
+        with self.lock:
             super().inc_value(key, count, start)
 
     def max_value(self, key: str, value: Any, spider: Any = None) -> None:
-        with self._lock:
+        with self.lock:
             super().max_value(key, value)
 
     def min_value(self, key: str, value: Any, spider: Any = None) -> None:
-        with self._lock:
+        with self.lock:
             super().min_value(key, value)
 
     def get_stats(self, spider: Any = None) -> dict[str, Any]:
-        with self._lock:
+        with self.lock:
             return dict(super().get_stats())
