@@ -213,8 +213,7 @@ class DownloadStore:
             raise DownloadError(f"expert {expert.id}: {source} is not a file")
         if source.stat().st_size > self.settings.max_download_bytes:
             raise TooLarge(f"expert {expert.id}: {source} is over the {self.settings.max_download_bytes}-byte cap")
-        if (stored := self.store.get_blob(file.sha256, _ext(file))) is not None:
-            return stored
+        # checked even when the store already holds the file: a wrong PATH is an error, never silently ignored
         part = self.store.partial_dir() / f"{file.sha256}.import.{os.getpid()}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, part)

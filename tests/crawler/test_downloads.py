@@ -183,6 +183,8 @@ def test_local_copy_enters_only_explicitly_and_is_checked(settings, weights) -> 
     assert stored.read_bytes() == local.read_bytes() and stored != local
     assert ensure_local(settings, expert) == stored  # known by its hash: nothing to fetch
     other = weights("other.safetensors", seed=6)
+    with pytest.raises(HashMismatch):  # a wrong copy is refused even though the store holds the file
+        ensure_local(settings, expert, from_file=other)
     liar = _expert("https://civitai.com/api/download/models/2", "liar.safetensors", sha[::-1])
     with pytest.raises(HashMismatch):
         ensure_local(settings, liar, from_file=other)
