@@ -150,6 +150,10 @@ def main() -> None:
         experts = [_expert(p, p.stem, k) for p, k in files]
         with store_session(settings) as store:
             store.upsert_experts(experts)
+        from crawler.downloads import ensure_local
+
+        for e, (p, _) in zip(experts, files, strict=True):
+            ensure_local(settings, e, from_file=p)  # local files enter the store only explicitly
         ids = [e.id for e in experts]
         n_images = (len(ids) + 1) * args.prompts * args.seeds
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -56,8 +56,11 @@ class LLMClient:
             max_retries=1,
         )
 
-    def structured(self, system: str, user: str, schema: type[T]) -> T | None:
-        """Ask for a JSON object matching ``schema``; bounded retries, ``None`` on failure."""
+    def structured(self, system: str, user: str, schema: type[T], breaker: Any = None) -> T | None:
+        """Ask for a JSON object matching ``schema``; bounded retries, ``None`` on failure.
+
+        ``breaker`` (a ``CircuitBreaker``): while it is open no call is made; each transport failure and
+        each reply is reported to it, so a down endpoint is skipped instead of timing out per call."""
         messages = [
             {
                 "role": "system",
@@ -68,6 +71,8 @@ class LLMClient:
             {"role": "user", "content": user},
         ]
         for attempt in range(self.max_retries + 1):
+            if breaker is not None and not breaker.allow():
+                return None
             try:
                 resp = self._client.chat.completions.create(
                     model=self.model,
@@ -77,7 +82,11 @@ class LLMClient:
                 )
             except Exception as exc:  # network, HTTP and protocol errors all mean "fall back"
                 log.warning("LLM call failed (attempt %d): %s", attempt + 1, exc)
+                if breaker is not None:
+                    breaker.failure(exc)
                 continue
+            if breaker is not None:
+                breaker.success()
             content = (resp.choices[0].message.content or "") if resp.choices else ""
             parsed = parse_reply(content, schema)
             if parsed is not None:

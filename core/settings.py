@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     lora_max_weight: float = 1.0
     planner_retrain_interval_s: int = 24 * 3600
 
+    # crawl hardening and shared storage (issue 16)
+    crawl_retry_after_max_s: float = Field(default=300.0, ge=0)  # cap on a server's Retry-After (whole host)
+    crawl_timeout_s: int = Field(default=7200, ge=1)  # a scheduled crawl's child is stopped after this long
+    store_url: str = ""  # fsspec URL of the shared weight/image store; empty = the data dir
+
     # generation defaults
     gen_steps: int = 20
     gen_size: int = 512
@@ -163,6 +168,7 @@ class Settings(BaseSettings):
         out["sql_url"] = _mask_url(self.effective_sql_url)
         out["broker_url"] = _mask_url(self.broker_url)
         out["result_url"] = _mask_url(self.result_url)
+        out["store_url"] = _mask_url(self.store_url)
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -26,13 +27,13 @@ def crawl_command(
     """Crawl a source into the expert graph (incremental: known, unchanged versions are skipped; a run that
     stopped early, at --limit or on a broken page, is continued by the next one)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from core.cli import console, print_json, user_errors
+    from core.cli import console, fail, print_json, user_errors
     from core.settings import get_settings
-    from crawler.run import CrawlSummary, crawl
+    from crawler.run import CrawlSummary, crawl, validate_options
 
     with user_errors():
+        validate_options(source, limit, since)  # before any service is touched
         settings = get_settings()
         columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
@@ -46,7 +47,17 @@ def crawl_command(
                             version_ids=version_id or None, progress=tick, log_level="ERROR")
     if as_json:
         print_json(summary.to_dict())
-        return
+    else:
+        _print_summary(source, summary)
+    if summary.nothing_fetched:
+        fail(f"nothing could be fetched from {source}: {summary.first_failure or 'every page failed'}")
+
+
+def _print_summary(source: str, summary: Any) -> None:
+    from rich.table import Table
+
+    from core.cli import console
+
     table = Table(title=f"crawl {source}")
     for col in ("new", "updated", "skipped", "failed", "requests", "seconds"):
         table.add_column(col, justify="right")
@@ -56,21 +67,25 @@ def crawl_command(
     for title, reasons in (("skipped", summary.skipped_reasons), ("failed", summary.failed_reasons)):
         if reasons:
             console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-    if summary.error:
+    if summary.error and not summary.nothing_fetched:  # that one is the error line that follows
         console.print(f"[yellow]warning:[/] {summary.error}")
 
 
 def download_command(
     expert_id: str = typer.Argument(..., help="Expert id, e.g. civitai:128713"),
     as_json: bool = typer.Option(False, "--json", help="Print {expert_id, path} as JSON on stdout."),
+    from_file: Path | None = typer.Option(
+        None, "--from-file", help="Admit this local copy instead of downloading (checked against the published SHA-256)."
+    ),
 ) -> None:
-    """Download (or reuse) an expert's primary weight file into the verified local store."""
+    """Download (or reuse) an expert's primary weight file into the verified local store. Only http(s) URLs
+    on the configured source hosts are fetched; a local file enters only through --from-file."""
     from core.cli import console, print_json, user_errors
     from core.settings import get_settings
     from crawler.downloads import ensure_local
 
     with user_errors():
-        path = ensure_local(get_settings(), expert_id, progress=not as_json)
+        path = ensure_local(get_settings(), expert_id, progress=not as_json, from_file=from_file)
     result: dict[str, Any] = {"expert_id": expert_id, "path": str(path)}
     if as_json:
         print_json(result)

@@ -1,9 +1,8 @@
-"""Downloader middlewares: Retry-After aware retries with backoff, and per-source auth headers."""
+"""Downloader middlewares: Scrapy's retries with backoff and host-wide ``Retry-After``, per-source auth headers."""
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
 import time
@@ -12,87 +11,78 @@ from urllib.parse import urlsplit
 
 from scrapy import Request
 from scrapy.crawler import Crawler
-from scrapy.downloadermiddlewares.retry import get_retry_request
+from scrapy.downloadermiddlewares.retry import RetryMiddleware
 from scrapy.http import Response
-from twisted.internet import error as twisted_errors
+from scrapy.settings import BaseSettings
+from scrapy.utils.response import response_status_message
+
+from crawler.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
-_NETWORK_ERRORS = (
-    twisted_errors.TimeoutError,
-    twisted_errors.ConnectionRefusedError,
-    twisted_errors.ConnectionDone,
-    twisted_errors.ConnectionLost,
-    twisted_errors.ConnectError,
-    twisted_errors.DNSLookupError,
-    OSError,
-)
+class BackoffRetryMiddleware(RetryMiddleware):
+    """Scrapy's ``RetryMiddleware`` (its ``RETRY_HTTP_CODES``, ``RETRY_EXCEPTIONS`` — which name Scrapy's own
+    download errors —, ``RETRY_TIMES``, stats and give-up logging) with two additions:
 
+    * a jittered exponential backoff before each retry (``RETRY_BACKOFF_BASE``, capped by
+      ``RETRY_BACKOFF_MAX``), an asyncio sleep of that one request while the others keep flowing;
+    * a ``Retry-After`` pauses the whole host, not just the request that got it: every request to that
+      host waits in ``process_request`` until the pause ends. A server's value is capped by
+      ``RETRY_AFTER_MAX`` (from ``DIFFGRAPH_CRAWL_RETRY_AFTER_MAX_S``) so a hostile header cannot stall a
+      crawl for days.
+    """
 
-def retry_after_seconds(value: str | bytes | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` if unusable."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    def __init__(self, settings: BaseSettings) -> None:
+        super().__init__(settings)
+        self.base = settings.getfloat("RETRY_BACKOFF_BASE", 0.5)
+        self.cap = settings.getfloat("RETRY_BACKOFF_MAX", 60.0)
+        self.retry_after_max = settings.getfloat("RETRY_AFTER_MAX", 300.0)
+        self.paused_until: dict[str, float] = {}  # host -> time.monotonic() when requests may go again
 
-
-class RetryAfterMiddleware:
-    """Retry 429/5xx responses and network errors with exponential backoff (jittered), waiting at least
-    what the server's ``Retry-After`` asks (capped by ``RETRY_BACKOFF_MAX``). The wait is an asyncio sleep
-    on that one request: other requests keep flowing."""
-
-    def __init__(self, crawler: Crawler) -> None:
-        s = crawler.settings
-        self.crawler = crawler
-        self.max_retries = s.getint("RETRY_TIMES", 4)
-        self.codes = {int(c) for c in s.getlist("RETRY_HTTP_CODES")}
-        self.base = s.getfloat("RETRY_BACKOFF_BASE", 0.5)
-        self.cap = s.getfloat("RETRY_BACKOFF_MAX", 60.0)
-
-    @classmethod
-    def from_crawler(cls, crawler: Crawler) -> RetryAfterMiddleware:
-        return cls(crawler)
-
-    def _delay(self, request: Request, retry_after: float | None) -> float:
+    def _backoff(self, request: Request) -> float:
         attempt = int(request.meta.get("retry_times", 0))
-        backoff = self.base * (2**attempt) * (1 + 0.25 * random.random())
-        return min(self.cap, max(backoff, retry_after or 0.0))
+        return min(self.cap, self.base * (2**attempt) * (1 + 0.25 * random.random()))
 
-    async def _retry(self, request: Request, reason: str, retry_after: float | None) -> Request | None:
-        retry = get_retry_request(
-            request, spider=self.crawler.spider, reason=reason, max_retry_times=self.max_retries
-        )
-        if retry is None:
-            return None
-        delay = self._delay(request, retry_after)
-        self.crawler.stats.inc_value("diffgraph/retry_wait_s", delay)
-        log.info("retrying %s in %.2fs (%s)", request.url, delay, reason)
-        await asyncio.sleep(delay)
-        return retry
+    def pause_host(self, url: str, seconds: float) -> float:
+        """Hold every request to ``url``'s host for ``seconds`` (capped); returns the pause applied."""
+        seconds = min(max(0.0, seconds), self.retry_after_max)
+        host = urlsplit(url).netloc
+        self.paused_until[host] = max(self.paused_until.get(host, 0.0), time.monotonic() + seconds)
+        self.crawler.stats.inc_value("diffgraph/retry_after_pauses")
+        log.info("pausing %s for %.1fs (Retry-After)", host, seconds)
+        return seconds
+
+    async def process_request(self, request: Request) -> None:
+        wait = self.paused_until.get(urlsplit(request.url).netloc, 0.0) - time.monotonic()
+        if wait > 0:
+            self.crawler.stats.inc_value("diffgraph/retry_wait_s", wait)
+            await asyncio.sleep(wait)
 
     async def process_response(self, request: Request, response: Response) -> Request | Response:
-        if request.meta.get("dont_retry") or response.status not in self.codes:
+        if request.meta.get("dont_retry") or response.status not in self.retry_http_codes:
             return response
-        wait = retry_after_seconds(response.headers.get(b"Retry-After"))
-        retry = await self._retry(request, f"HTTP {response.status}", wait)
-        return retry or response
+        after = retry_after_seconds(response.headers.get(b"Retry-After"))
+        if after:
+            self.pause_host(request.url, after)
+        retry = self._retry(request, response_status_message(response.status))
+        if retry is None:
+            return response
+        await self._sleep(request, retry)
+        return retry
 
     async def process_exception(self, request: Request, exception: Exception) -> Request | None:
-        if request.meta.get("dont_retry") or not isinstance(exception, _NETWORK_ERRORS):
+        if request.meta.get("dont_retry") or not isinstance(exception, self.exceptions_to_retry):
             return None
-        return await self._retry(request, type(exception).__name__, None)
+        retry = self._retry(request, exception)
+        if retry is not None:
+            await self._sleep(request, retry)
+        return retry
+
+    async def _sleep(self, request: Request, retry: Request) -> None:
+        delay = self._backoff(request)
+        self.crawler.stats.inc_value("diffgraph/retry_wait_s", delay)
+        log.info("retrying %s in %.2fs", request.url, delay)
+        await asyncio.sleep(delay)
 
 
 class SourceAuthMiddleware:

@@ -10,10 +10,14 @@ import argparse
 import json
 import logging
 import os
+import re
+import signal
 import subprocess as sp
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -25,12 +29,16 @@ from pydantic import SecretStr
 from core.retry import Transient
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
+from crawler.normalize.dates import parse_datetime
 from crawler.state import record_run, remember_failures, save_resume_point
-from crawler.stats import LISTING, RESUME, RETRIED, RETRY, STOPPED
+from crawler.stats import FIRST_FAILURE, LISTING, RESUME, RETRIED, RETRY, STOPPED
 
 log = logging.getLogger(__name__)
 SOURCES = ("civitai", "huggingface")
 _reactor_used = False
+# Between SIGTERM and SIGKILL for a crawl child past its timeout: Scrapy's graceful stop waits for the
+# requests in flight, so this exceeds DOWNLOAD_TIMEOUT (60 s).
+STOP_GRACE_S = 90.0
 
 
 class CrawlError(DiffGraphError):
@@ -39,6 +47,10 @@ class CrawlError(DiffGraphError):
 
 class CrawlProcessFailed(CrawlError, Transient):
     """The crawl's child process died or left no summary: a later attempt may succeed."""
+
+
+class NothingFetched(CrawlError, Transient):
+    """Every page or record failed: the source is down or refusing us, so a later attempt may succeed."""
 
 
 @dataclass
@@ -61,6 +73,12 @@ class CrawlSummary:
     anomalies: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    first_failure: str | None = None  # the first failed page or record, "<url or id>: <reason>"
+
+    @property
+    def nothing_fetched(self) -> bool:
+        """Every page or record of the run failed: nothing was registered, updated or even seen as known."""
+        return self.failed > 0 and self.new == self.updated == self.skipped == 0
 
     def counts(self) -> dict[str, int]:
         return {"new": self.new, "updated": self.updated, "skipped": self.skipped, "failed": self.failed}
@@ -98,7 +116,22 @@ class CrawlSummary:
             failed_reasons=failed,
             anomalies={k: int(v) for k, v in group("diffgraph/anomaly/").items()},
             timings={k: round(float(v), 4) for k, v in group("diffgraph/time/").items()},
+            first_failure=stats.get(FIRST_FAILURE) or None,
         )
+
+
+def validate_options(source: str, limit: int | None, since: str | datetime | None) -> datetime | None:
+    """Check a crawl's options before anything starts (``CrawlError``, one line); returns ``since`` parsed."""
+    if source not in SOURCES:
+        raise CrawlError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    if limit is not None and limit < 0:
+        raise CrawlError(f"--limit must be 0 or more, got {limit}")
+    if since is None or isinstance(since, datetime):
+        return since
+    parsed = parse_datetime(since)
+    if parsed is None:
+        raise CrawlError(f"--since must be an ISO date such as 2024-01-31, got {str(since)[:100]!r}")
+    return parsed
 
 
 def crawl(
@@ -121,7 +154,8 @@ def crawl(
         base_model / kind / since: source filters (``since`` is an ISO date).
         subprocess: run Scrapy in a child process (required inside Celery workers and for a second
             crawl in one process: Twisted's reactor cannot restart). Used automatically for a second
-            in-process crawl.
+            in-process crawl. The child is stopped after ``settings.crawl_timeout_s`` (SIGTERM, then
+            SIGKILL ``STOP_GRACE_S`` later); its log lines are re-logged here at their own level.
         version_ids: Civitai refresh mode (``/model-versions/{id}``).
         progress: called with the running summary after each item (in-process only).
 
@@ -131,8 +165,7 @@ def crawl(
 
         summary = crawl(get_settings(), "civitai", limit=50, base_model="SD 1.5")
     """
-    if source not in SOURCES:
-        raise CrawlError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    since = validate_options(source, limit, since)
     if kind is not None and kind not in {"checkpoint", "lora", "locon"}:
         raise CrawlError(f"unknown kind {kind!r}; choose checkpoint, lora or locon")
     if version_ids and source != "civitai":
@@ -140,7 +173,8 @@ def crawl(
     if version_ids and not all(v.isdigit() for v in version_ids):
         raise CrawlError(f"Civitai version ids are numbers, got {', '.join(repr(v) for v in version_ids)}")
     if subprocess or _reactor_used:
-        return _crawl_in_child(settings, source, limit, base_model, kind, since, version_ids)
+        return _crawl_in_child(settings, source, limit, base_model, kind, since, version_ids,
+                               timeout_s=settings.crawl_timeout_s)
     return _crawl_here(settings, source, limit, base_model, kind, since, version_ids, progress,
                        log_level or settings.log_level)
 
@@ -190,6 +224,8 @@ def _crawl_here(
     summary = CrawlSummary.from_stats(source, stats)
     if errors:
         summary.error = errors[0]
+    elif summary.nothing_fetched:
+        summary.error = f"nothing could be fetched from {source}: {summary.first_failure}"
     if stats.get(RESUME) is not None and stats.get(LISTING):
         save_resume_point(settings, source, stats[LISTING], stats[RESUME] or None)
     remember_failures(settings, source, stats.get(RETRY) or {})
@@ -235,16 +271,64 @@ def _crawl_in_child(
         if version_ids:
             cmd += ["--version-ids", ",".join(version_ids)]
         root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its stderr is a log, not a terminal
         start = time.perf_counter()
-        proc = sp.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = sp.Popen(cmd, env=env, stdin=sp.DEVNULL, stdout=sp.DEVNULL, stderr=sp.PIPE, text=True,
+                        errors="replace")
+        tail: deque[str] = deque(maxlen=5)
+        relay = threading.Thread(target=_relay_log, args=(proc.stderr, source, tail), daemon=True)
+        relay.start()
+        timed_out = _wait_or_stop(proc, source, timeout_s)
+        relay.join(timeout=10)
         if proc.returncode != 0 or not summary_file.exists():
-            tail = (proc.stderr or "").strip().splitlines()[-5:]
-            raise CrawlProcessFailed(f"crawl of {source} failed in its child process (exit {proc.returncode}): "
-                             + " | ".join(tail)[-800:])
+            why = (f"ran past {timeout_s:.0f}s (DIFFGRAPH_CRAWL_TIMEOUT_S) and was stopped" if timed_out
+                   else f"failed in its child process (exit {proc.returncode})")
+            raise CrawlProcessFailed(f"crawl of {source} {why}: " + " | ".join(tail)[-800:])
         summary = CrawlSummary.from_dict(json.loads(summary_file.read_text()))
+        if timed_out:  # stopped gracefully: its counts and resume point were saved
+            summary.error = f"stopped after {timeout_s:.0f}s (DIFFGRAPH_CRAWL_TIMEOUT_S); the next run resumes"
         log.info("child crawl of %s done in %.1fs", source, time.perf_counter() - start)
         return summary
+
+
+def _wait_or_stop(proc: sp.Popen[str], source: str, timeout_s: float | None) -> bool:
+    """Wait for the crawl child; past ``timeout_s`` stop it: SIGTERM (Scrapy closes the spider, which saves
+    its counts and resume point), then SIGKILL after ``STOP_GRACE_S``. Returns whether it timed out."""
+    try:
+        proc.wait(timeout=timeout_s)
+        return False
+    except sp.TimeoutExpired:
+        pass
+    log.warning("crawl of %s ran past %.0fs; stopping it (SIGTERM)", source, timeout_s or 0)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except sp.TimeoutExpired:
+        log.error("crawl of %s did not stop within %.0fs of SIGTERM; killing it", source, STOP_GRACE_S)
+        proc.kill()
+        proc.wait()
+    return True
+
+
+# Scrapy's LOG_FORMAT: "2024-01-31 12:00:00 [name] LEVEL: message"
+_LOG_LINE = re.compile(r"^\S+ \S+ \[(?P<name>[^\]]+)\] (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL): (?P<msg>.*)$")
+
+
+def _relay_log(stream: Any, source: str, tail: deque[str]) -> None:
+    """Re-log the child's log lines in this process at their own level (a worker's log shows a scheduled
+    crawl's warnings, not only its failures); continuation lines (tracebacks) keep the last level."""
+    level, name = logging.WARNING, "crawler.child"
+    for raw in stream:
+        line = raw.rstrip("\n")
+        if not line.strip():
+            continue
+        match = _LOG_LINE.match(line)
+        if match:
+            level, name = getattr(logging, match["level"]), match["name"]
+            line = match["msg"]
+        logging.getLogger(f"crawler.child.{source}.{name}").log(level, "%s", line)
+        tail.append(line[:300])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Scrapy settings derived from ``core.settings.Settings`` (never from a separate settings module).
 
 Politeness: AutoThrottle adapts the delay to the server's latency, at most 4 concurrent requests per host,
-a descriptive User-Agent from ``settings.user_agent``, and ``RetryAfterMiddleware`` backs off on 429/5xx
-honouring ``Retry-After``. ``ROBOTSTXT_OBEY`` is off on purpose: the spiders only call the documented
+a descriptive User-Agent from ``settings.user_agent``, and ``BackoffRetryMiddleware`` (Scrapy's retry) backs
+off on 429/5xx and network errors, honouring ``Retry-After`` for the whole host. ``ROBOTSTXT_OBEY`` is off on purpose: the spiders only call the documented
 public JSON APIs (Civitai REST API v1, Hugging Face Hub API) and raw model cards, which are meant for
 programmatic clients, never HTML pages; rate limits are honoured instead.
 """
@@ -24,8 +24,9 @@ ITEM_PIPELINES = {
 }
 
 DOWNLOADER_MIDDLEWARES = {
-    "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,  # replaced by the Retry-After aware one
-    "crawler.middlewares.RetryAfterMiddleware": 550,
+    # Scrapy's own retry, in its own slot, with backoff and host-wide Retry-After added
+    "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,
+    "crawler.middlewares.BackoffRetryMiddleware": 550,
     "crawler.middlewares.SourceAuthMiddleware": 560,
 }
 
@@ -55,11 +56,16 @@ def scrapy_settings(settings: Settings, limit: int | None = None, **overrides: A
         "RETRY_TIMES": 4,
         "RETRY_HTTP_CODES": RETRY_HTTP_CODES,
         "RETRY_BACKOFF_BASE": 0.5,  # seconds; doubled per attempt, jittered, capped below
-        "RETRY_BACKOFF_MAX": 60.0,  # also caps a server's Retry-After
+        "RETRY_BACKOFF_MAX": 60.0,
+        "RETRY_AFTER_MAX": settings.crawl_retry_after_max_s,  # caps a server's Retry-After
         "CLOSESPIDER_ITEMCOUNT": item_limit or 0,
         "ITEM_PIPELINES": dict(ITEM_PIPELINES),
         "DOWNLOADER_MIDDLEWARES": dict(DOWNLOADER_MIDDLEWARES),
         "HTTPERROR_ALLOWED_CODES": [],
+        # http(s) only: a URL taken from API data must never read local files (file://) or reach other
+        # protocols; Scrapy fails such a request with NotSupported
+        "DOWNLOAD_HANDLERS": {"file": None, "data": None, "s3": None, "ftp": None},
+        "STATS_CLASS": "crawler.stats.ThreadSafeStatsCollector",  # batch stages count from worker threads
         "DIFFGRAPH_SETTINGS": settings,
         "DIFFGRAPH_ITEM_LIMIT": item_limit,
         # Items of one response travel the pipelines together (CONCURRENT_ITEMS at a time): a batch of the

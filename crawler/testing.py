@@ -7,6 +7,7 @@ exercised offline:
 * ``("status", 429, 2)`` — that status with ``Retry-After: 2`` (``None`` = no header)
 * ``"truncated"`` — the JSON body cut in half (still a 200)
 * ``"drop"`` — a file download that closes the connection half-way through the body
+* ``"stall"`` — a file download that stops half-way until ``resume_downloads()``
 
 Example::
 
@@ -42,6 +43,7 @@ class _FixtureServer:
         self.range_requests: list[tuple[str, str]] = []  # (path, Range header) of resumed downloads
         self._failures: list[tuple[str, deque[Action]]] = []
         self._lock = threading.Lock()
+        self._resume = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -63,6 +65,7 @@ class _FixtureServer:
         return self
 
     def stop(self) -> None:
+        self._resume.set()  # let a stalled download finish
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -153,7 +156,8 @@ class _FixtureServer:
                 return
             status = 206
         chunk = data[start:]
-        drop = self._next_failure(target + "#drop") == "drop"
+        action = self._next_failure(target + "#drop")
+        drop = action == "drop"
         h.send_response(status)
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(len(chunk)))
@@ -167,7 +171,23 @@ class _FixtureServer:
             h.close_connection = True
             h.connection.close()
             return
-        h.wfile.write(chunk)
+        if action == "stall":  # half the body, then wait for ``resume_downloads`` (or the client to go)
+            h.wfile.write(chunk[: len(chunk) // 2])
+            h.wfile.flush()
+            self._resume.wait(60)
+            chunk = chunk[len(chunk) // 2 :]
+        try:
+            h.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (a killed download)
+
+    def stall_download(self, name: str, times: int = 1) -> None:
+        """The next ``times`` downloads of ``name`` send half the body, then wait for ``resume_downloads``."""
+        self._resume.clear()
+        self.fail(f"{quote(name)}#drop", *(["stall"] * times))
+
+    def resume_downloads(self) -> None:
+        self._resume.set()
 
     def drop_download(self, name: str, times: int = 1) -> None:
         """The next ``times`` downloads of file ``name`` close the connection half-way."""
@@ -469,10 +489,11 @@ class HFFixtureServer(_FixtureServer):
 # --------------------------------------------------------------------------------------------------
 class FakeLLMServer:
     """A loopback OpenAI-compatible ``POST /v1/chat/completions`` that answers with ``replies`` (one per
-    call, the last one repeated) and records each request body in ``.calls``. Point
+    call, the last one repeated; an ``int`` is sent as that HTTP error status) and records each request
+    body in ``.calls``. Point
     ``llm_base_url`` at ``.base_url`` to exercise the real ``openai`` client path."""
 
-    def __init__(self, replies: Sequence[str]) -> None:
+    def __init__(self, replies: Sequence[str | int]) -> None:
         self.replies = list(replies)
         self.calls: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -489,6 +510,14 @@ class FakeLLMServer:
                     outer.calls.append(body)
                     idx = min(len(outer.calls) - 1, len(outer.replies) - 1)
                     content = outer.replies[idx]
+                if isinstance(content, int):  # an HTTP error status: the endpoint is failing
+                    self.send_response(content)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("retry-after-ms", "1")  # the openai client's own retry, at once
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
                 reply = {
                     "id": f"chatcmpl-{len(outer.calls)}",
                     "object": "chat.completion",

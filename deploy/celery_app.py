@@ -113,15 +113,18 @@ def make_app(settings: Settings | None = None) -> Celery:
                                                            "interval_step": 0.5, "interval_max": 3.0}},
         task_always_eager=not settings.celery_enabled,
         beat_schedule={
+            # a crawl not started within one interval is dropped: the next beat's crawl replaces it
             "ingest-civitai": {
                 "task": INGEST,
                 "schedule": timedelta(seconds=settings.crawl_interval_s),
                 "args": ("civitai",),
+                "options": {"expires": settings.crawl_interval_s},
             },
             "ingest-huggingface": {
                 "task": INGEST,
                 "schedule": timedelta(seconds=settings.crawl_interval_s),
                 "args": ("huggingface",),
+                "options": {"expires": settings.crawl_interval_s},
             },
             "sweep-uncalibrated": {
                 "task": SWEEP_UNCALIBRATED,

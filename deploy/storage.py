@@ -1,8 +1,9 @@
 """Where generated images go: a small ``Storage`` protocol and the local-disk implementation.
 
 Keys are deterministic (``images/<job id>/<n>.png``) so a redelivered job overwrites its own images
-instead of adding new ones. An S3-like backend implements the same four methods over object keys and
-returns ``s3://bucket/key`` URIs from ``save_image``; ``get_storage`` is the one place that chooses.
+instead of adding new ones. They live in the content store (``core.content_store``): on local disk
+(``LocalStorage``, the default) or in a remote ``fsspec`` store (``StoreStorage``, ``s3://…`` URIs);
+``get_storage`` is the one place that chooses.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from core.content_store import ContentStore
 from core.settings import Settings
 from core.types import ValidationFailed
 
@@ -88,6 +90,31 @@ class LocalStorage:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class StoreStorage:
+    """Images in a remote content store (``DIFFGRAPH_STORE_URL`` such as ``s3://bucket/diffgraph``), so a
+    job's images are readable from every machine; URIs are the store's URLs."""
+
+    def __init__(self, store: ContentStore) -> None:
+        self.store = store
+
+    def uri(self, job_id: str, index: int) -> str:
+        return self.store.uri(image_key(job_id, index))
+
+    def save_image(self, job_id: str, index: int, image: Image.Image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return self.store.write_bytes(image_key(job_id, index), buf.getvalue())
+
+    def list_images(self, job_id: str) -> list[str]:
+        prefix = image_key(job_id, 0).rsplit("/", 1)[0]
+        found = [k for k in self.store.list_keys(prefix) if k.endswith(".png") and k[:-4].rsplit("/", 1)[-1].isdigit()]
+        return [self.store.uri(k) for k in sorted(found, key=lambda k: int(k[:-4].rsplit("/", 1)[-1]))]
+
+    def delete_job(self, job_id: str) -> None:
+        self.store.delete_prefix(image_key(job_id, 0).rsplit("/", 1)[0])
+
+
 def get_storage(settings: Settings) -> Storage:
-    """The configured image storage (local disk under the data dir)."""
-    return LocalStorage(settings.data_dir)
+    """The configured image storage: the content store (``DIFFGRAPH_STORE_URL``, default the data dir)."""
+    store = ContentStore(settings)
+    return LocalStorage(store.local_root) if store.is_local else StoreStorage(store)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from scrapy.crawler import Crawler
 from scrapy.exceptions import DropItem
 
 from core.settings import Settings
 from crawler.items import SourceRecord
-from crawler.stats import note_retry
+from crawler.stats import note_failure, note_retry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Skipped(DropItem):
@@ -54,6 +58,7 @@ class Stage:
         """``transient``: the failure may not last (a database or service error), so the next run fetches
         the version again."""
         self.stats.inc_value(f"diffgraph/failed/{reason}")
+        note_failure(self.stats, f"{item.source}:{item.version_id}", f"{reason} {detail}".strip())
         if transient:
             note_retry(self.stats, item.version_id, f"{reason}: {detail}"[:500])
         log.warning("%s:%s failed at %s: %s %s", item.source, item.version_id, self.stage, reason, detail)
@@ -72,6 +77,11 @@ class BatchStage(Stage):
     ``process_item`` parks each item until its batch is flushed: when ``DIFFGRAPH_BATCH_SIZE`` items are
     waiting, when none arrived for ``DIFFGRAPH_BATCH_LINGER_S``, or when the spider closes. ``flush`` returns
     one outcome per item: ``None`` (passed on) or a ``DropItem`` to raise for it.
+
+    ``flush`` blocks (LLM calls, embeddings, graph and SQL writes), so it never runs on Scrapy's event loop:
+    each stage has one worker thread, which keeps its batches in order and its connections on one thread,
+    while the loop goes on downloading and parsing. The crawl's stats are thread-safe
+    (``ThreadSafeStatsCollector``).
     """
 
     def __init__(self, crawler: Crawler) -> None:
@@ -80,9 +90,17 @@ class BatchStage(Stage):
         self.linger = float(crawler.settings.getfloat("DIFFGRAPH_BATCH_LINGER_S", 0.2))
         self.pending: list[tuple[SourceRecord, asyncio.Future[DropItem | None]]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diffgraph-{self.stage}")
 
     def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:
         raise NotImplementedError
+
+    def after_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the event loop after each batch's outcomes were delivered (e.g. to arm a timer)."""
+
+    async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on this stage's worker thread (after the batches queued before it) and await it."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def process_item(self, item: SourceRecord) -> SourceRecord:
         loop = asyncio.get_running_loop()
@@ -97,24 +115,52 @@ class BatchStage(Stage):
             raise outcome
         return item
 
-    def _flush_now(self) -> None:
+    def _take_batch(self) -> list[tuple[SourceRecord, asyncio.Future[DropItem | None]]]:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         batch, self.pending = self.pending, []
+        return batch
+
+    def _flush_now(self) -> None:
+        """On the loop: hand the waiting items to the worker thread; their outcomes come back to the loop."""
+        batch = self._take_batch()
         if not batch:
             return
-        items = [item for item, _ in batch]
-        start = time.perf_counter()
-        try:
-            outcomes = self.flush(items)
-        except Exception as exc:  # one bad batch fails its items, never the crawl
-            log.exception("%s failed for a batch of %d", self.stage, len(items))
-            outcomes = [self.fail(f"{self.stage}_error", item, str(exc)[:200], transient=True) for item in items]
-        self.timed(time.perf_counter() - start)
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self.worker, self._flush_batch, [item for item, _ in batch])
+        done.add_done_callback(lambda f: self._deliver(batch, f, loop))
+
+    def _deliver(self, batch: list[tuple[SourceRecord, asyncio.Future[DropItem | None]]],
+                 done: asyncio.Future[list[DropItem | None]], loop: asyncio.AbstractEventLoop) -> None:
+        outcomes = done.result()
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+        self.after_flush(loop)
 
-    def close_spider(self) -> None:
-        self._flush_now()
+    def _flush_batch(self, items: list[SourceRecord]) -> list[DropItem | None]:
+        """On the worker thread: ``flush`` with its timing; one bad batch fails its items, never the crawl."""
+        start = time.perf_counter()
+        try:
+            outcomes = self.flush(items)
+        except Exception as exc:
+            log.exception("%s failed for a batch of %d", self.stage, len(items))
+            outcomes = [self.fail(f"{self.stage}_error", item, str(exc)[:200], transient=True) for item in items]
+        self.timed(time.perf_counter() - start)
+        return outcomes
+
+    def finish(self) -> None:
+        """On the worker thread, after the last batch: end-of-crawl writes."""
+
+    async def close_spider(self) -> None:
+        batch = self._take_batch()
+        try:
+            if batch:
+                outcomes = await self.in_worker(self._flush_batch, [item for item, _ in batch])
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+            await self.in_worker(self.finish)
+        finally:
+            self.worker.shutdown(wait=False)

@@ -28,29 +28,26 @@ class GraphUpsertPipeline(BatchStage):
 
     def __init__(self, crawler: Crawler) -> None:
         super().__init__(crawler)
-        self._store: GraphStore | None = None
+        self._store: GraphStore | None = None  # used on this stage's worker thread only
         self._opened_at = 0.0
-        self._idle: asyncio.TimerHandle | None = None
-
-    def _cancel_idle_close(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._batches = 0
 
     def _open(self) -> GraphStore:
-        self._cancel_idle_close()
         if self._store is None:
             self._store = open_store(self.settings)
             self._opened_at = time.monotonic()
         return self._store
 
     def _release(self) -> None:
-        self._cancel_idle_close()
         store, self._store = self._store, None
         if store is not None:
             start = time.perf_counter()
             store.close()
             self.timed(time.perf_counter() - start)
+
+    def _release_if_idle(self, batches: int) -> None:
+        if self._batches == batches:  # no batch came since the timer was armed
+            self._release()
 
     def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:
         experts = [i.expert for i in items if i.expert is not None]
@@ -59,14 +56,10 @@ class GraphUpsertPipeline(BatchStage):
         except BaseException:
             self._release()  # a failed write may leave the connection unusable: reopen next time
             raise
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called outside the crawl's event loop: nothing would close it later
-            loop = None
-        if loop is None or time.monotonic() - self._opened_at >= HOLD_MAX_S:
+        finally:
+            self._batches += 1
+        if time.monotonic() - self._opened_at >= HOLD_MAX_S:
             self._release()
-        else:
-            self._idle = loop.call_later(IDLE_CLOSE_S, self._release)
         created, updated = set(result.created_ids), set(result.updated_ids)
         for item in items:
             eid = item.expert.id if item.expert else ""
@@ -74,8 +67,16 @@ class GraphUpsertPipeline(BatchStage):
             self.stats.inc_value(f"diffgraph/{item.status}")
         return [None] * len(items)
 
-    def close_spider(self) -> None:
-        try:
-            super().close_spider()
-        finally:
-            self._release()
+    def after_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batches = self._batches
+
+        def release_if_idle() -> None:
+            try:
+                self.worker.submit(self._release_if_idle, batches)
+            except RuntimeError:  # the stage already closed (and released the store)
+                pass
+
+        loop.call_later(IDLE_CLOSE_S, release_if_idle)
+
+    def finish(self) -> None:
+        self._release()

@@ -124,8 +124,7 @@ class SqlRecordsPipeline(BatchStage):
             if stamp is not None and (item.source not in self.watermarks or stamp > self.watermarks[item.source]):
                 self.watermarks[item.source] = stamp
 
-    def close_spider(self) -> None:
-        super().close_spider()
+    def finish(self) -> None:
         self._write_quarantine()
         for source, mark in self.watermarks.items():
             advance_watermark(self.settings, source, mark)

@@ -13,6 +13,7 @@ from core.embeddings import get_embedder
 from core.llm import get_llm
 from core.settings import Settings
 from core.types import Expert
+from crawler.breaker import breaker_for
 from crawler.items import SourceRecord
 from crawler.pipelines.base import BatchStage
 from crawler.skills import (
@@ -27,6 +28,8 @@ from crawler.skills import (
 
 log = logging.getLogger(__name__)
 LLM_THREADS = 4
+LLM_BREAKER_FAILURES = 3
+LLM_BREAKER_RESET_S = 60.0
 
 
 def describe(settings: Settings, experts: list[Expert]) -> tuple[list[SkillReport], int]:
@@ -34,9 +37,11 @@ def describe(settings: Settings, experts: list[Expert]) -> tuple[list[SkillRepor
     llm = get_llm(settings)
     if llm is None:
         return [offline_report(e) for e in experts], 0
+    # an endpoint that failed LLM_BREAKER_FAILURES times in a row is skipped for LLM_BREAKER_RESET_S
+    breaker = breaker_for("LLM endpoint", settings.llm_base_url, LLM_BREAKER_FAILURES, LLM_BREAKER_RESET_S)
 
     def one(expert: Expert) -> tuple[SkillReport, bool]:
-        reply = llm.structured(SYSTEM_PROMPT, llm_user_message(expert), SkillReport)
+        reply = llm.structured(SYSTEM_PROMPT, llm_user_message(expert), SkillReport, breaker=breaker)
         return (sanitize_report(reply), False) if reply is not None else (offline_report(expert), True)
 
     with ThreadPoolExecutor(max_workers=min(LLM_THREADS, max(1, len(experts)))) as pool:
@@ -69,8 +74,13 @@ class RegisterPipeline(BatchStage):
     stage = "register"
 
     def open_spider(self) -> None:
+        # Load the model on the stage's worker thread while the first pages download: it takes seconds,
+        # and the first batch, queued on the same thread, waits for it.
+        self.worker.submit(self._load)
+
+    def _load(self) -> None:
         start = time.perf_counter()
-        get_embedder(self.settings)  # load the model once, before the first batch waits on it
+        get_embedder(self.settings)
         self.stats.inc_value("diffgraph/time/register.load", time.perf_counter() - start)
 
     def flush(self, items: list[SourceRecord]) -> list[DropItem | None]:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import scrapy
 from scrapy.http import Request, Response
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from core.settings import Settings
 from crawler.normalize.dates import parse_datetime
 from crawler.state import known_hashes, listing_key, resume_point, retry_ids
-from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_retry
+from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_failure, note_retry
 
 log = logging.getLogger(__name__)
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
@@ -58,6 +59,7 @@ class SourceSpider(scrapy.Spider):
         self.resume_from: str | None = None
         self.backfilling = False
         self.left_on_page = 0  # versions of the current listing page refused by the item limit
+        self.page_in_flight: str | None = None  # the listing page requested and not parsed yet
 
     @property
     def app_settings(self) -> Settings:
@@ -65,6 +67,15 @@ class SourceSpider(scrapy.Spider):
 
     def first_page_url(self) -> str:
         raise NotImplementedError
+
+    @property
+    def own_host(self) -> str:
+        return urlsplit(self.first_page_url()).netloc.lower()
+
+    def own_url(self, url: str) -> bool:
+        """Whether ``url`` is http(s) on this source's own host (where links taken from API data may lead)."""
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and parts.netloc.lower() == self.own_host
 
     def load_known(self) -> None:
         self.known = known_hashes(self.app_settings, self.source)
@@ -87,13 +98,28 @@ class SourceSpider(scrapy.Spider):
 
     # the listing walk ---------------------------------------------------------------------------
     def listing_request(self, url: str, **kwargs: Any) -> Request:
+        self.page_in_flight = url  # listing pages are walked one at a time
         return Request(url, callback=self.parse, errback=self.on_error, meta={"listing": True}, **kwargs)
+
+    def closed(self, reason: str) -> None:
+        """A run stopped from outside (SIGTERM at the crawl timeout, Ctrl-C) continues, next time, at the
+        listing page it was on."""
+        stats = self.crawler.stats
+        if reason != "finished" and self.page_in_flight and stats.get_value(RESUME) is None:
+            stats.set_value(RESUME, self.page_in_flight)
+            stats.set_value(STOPPED, reason)
 
     def after_page(self, url: str, seen: int, unchanged: int, old: int, next_url: str | None) -> Iterator[Request]:
         """Where the walk goes after a parsed listing page (``seen`` versions: ``unchanged`` known ones,
         ``old`` ones before ``--since``); records the resume point when the run ends before the end."""
         stats = self.crawler.stats
         left, self.left_on_page = self.left_on_page, 0
+        self.page_in_flight = None
+        if next_url and not self.own_url(next_url):
+            # the next-page link is API data: never follow it off the source (file://, another host)
+            log.warning("not following next page %r: not http(s) on %s", next_url[:200], self.own_host)
+            self.crawler.stats.inc_value("diffgraph/anomaly/offsite_next_page")
+            next_url = None
         if url == self.resume_from:
             self.backfilling = True
         everything_seen = seen > 0 and unchanged + old == seen
@@ -127,6 +153,7 @@ class SourceSpider(scrapy.Spider):
         ``retry`` is off (the source says it is gone)."""
         stats = self.crawler.stats
         self.count("failed", reason)
+        note_failure(stats, url or "a page", f"{reason} {detail}".strip())
         if meta.get("listing"):
             stats.set_value(RESUME, url)
             stats.set_value(STOPPED, "page_error")
@@ -174,7 +201,8 @@ class SourceSpider(scrapy.Spider):
         """A page that failed for good (HTTP error after retries, network error): counted, logged."""
         request = getattr(failure, "request", None)
         log.error("giving up on %s: %s", getattr(request, "url", "?"), failure.getErrorMessage())
-        gone = bool(failure.check(HttpError)) and failure.value.response.status in (404, 410)
-        self.page_failed(getattr(request, "url", ""), getattr(request, "meta", {}), "page_error",
-                         failure.getErrorMessage(), retry=not gone)
+        status = failure.value.response.status if failure.check(HttpError) else None
+        detail = f"HTTP {status}" if status else f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self.page_failed(getattr(request, "url", ""), getattr(request, "meta", {}), "page_error", detail,
+                         retry=status not in (404, 410))
         return iter(())

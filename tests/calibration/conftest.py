@@ -60,6 +60,20 @@ def local_expert(path: Path, name: str, kind: ExpertKind = ExpertKind.checkpoint
     )
 
 
+def import_local_files(settings: Settings, experts: list[Expert]) -> None:
+    """Admit the experts' local files into the weight store, as ``diffgraph download ID --from-file`` does
+    (``file://`` URLs are never fetched). A corrupt fixture stays out; using it then fails cleanly."""
+    from urllib.parse import unquote, urlsplit
+
+    from crawler.downloads import DownloadError, ensure_local
+
+    for e in experts:
+        try:
+            ensure_local(settings, e, from_file=Path(unquote(urlsplit(e.files[0].url).path)))
+        except DownloadError:
+            pass
+
+
 @pytest.fixture
 def register() -> Callable[[Settings, list[Expert]], None]:
     def _register(settings: Settings, experts: list[Expert]) -> None:
@@ -67,6 +81,7 @@ def register() -> Callable[[Settings, list[Expert]], None]:
 
         with store_session(settings) as store:
             store.upsert_experts(experts)
+        import_local_files(settings, experts)
 
     return _register
 

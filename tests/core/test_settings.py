@@ -43,10 +43,11 @@ def test_secrets_from_env_are_masked(settings: Settings, monkeypatch: pytest.Mon
     monkeypatch.setenv("DIFFGRAPH_CIVITAI_TOKEN", "tok")
     monkeypatch.setenv("DIFFGRAPH_LLM_API_KEY", "sk-1")
     monkeypatch.setenv("DIFFGRAPH_BROKER_URL", "redis://:brokerpw@h:6379/0")
+    monkeypatch.setenv("DIFFGRAPH_STORE_URL", "s3://key:storepw@bucket/diffgraph")
     s = Settings()
     assert s.neo4j_password.get_secret_value() == "hunter2"
     text = repr(s.masked())
-    for secret in ("hunter2", "tok'", "sk-1", "brokerpw"):
+    for secret in ("hunter2", "tok'", "sk-1", "brokerpw", "storepw"):
         assert secret not in text
     assert s.masked()["neo4j_password"] == "****"
 

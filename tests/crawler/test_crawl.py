@@ -142,10 +142,10 @@ def test_civitai_crawl_failures_idempotency_and_incremental(settings, weights) -
             assert s.scalar(registered) == len(experts3)
 
         # downloads of crawled experts go through the same records
-        local = ensure_local(settings, served.id)
+        local = ensure_local(cfg, served.id)
         assert hashlib.sha256(local.read_bytes()).hexdigest() == served.primary_file.sha256
         with pytest.raises(UnsafeFormat):
-            ensure_local(settings, f"civitai:{_version_id(syn['pickle'])}")
+            ensure_local(cfg, f"civitai:{_version_id(syn['pickle'])}")
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -142,11 +143,13 @@ def test_new_and_changed_experts_are_enqueued_for_calibration(settings, weights)
     client.delete("calibrate")
     crawler = _crawler(settings.model_copy(update={"broker_url": url}))
     pipe = EnqueueCalibrationPipeline.from_crawler(crawler)
+    pipe.open_spider()
     items = []
     for i, status in enumerate(("new", "updated", "unchanged")):
         item = _through(crawler, _record(civitai_item_for(weights(f"q{i}.safetensors", seed=i), version_id=70 + i)))
         item.status = status
-        items.append(pipe.process_item(item))
+        items.append(asyncio.run(pipe.process_item(item)))
+    pipe.close_spider()
     messages = [json.loads(m) for m in client.lrange("calibrate", 0, -1)]
     client.delete("calibrate")
     assert sorted(m["headers"]["task"] for m in messages) == ["calibration.calibrate_expert"] * 2
@@ -160,8 +163,55 @@ def test_enqueue_is_a_no_op_without_broker(settings, weights) -> None:
     crawler = _crawler(settings)
     item = _through(crawler, _record(civitai_item_for(weights("z.safetensors"))))
     item.status = "new"
-    assert EnqueueCalibrationPipeline.from_crawler(crawler).process_item(item) is item
+    pipe = EnqueueCalibrationPipeline.from_crawler(crawler)
+    pipe.open_spider()
+    assert asyncio.run(pipe.process_item(item)) is item
     assert crawler.stats.get_value("diffgraph/enqueued") is None
+
+
+def test_a_down_broker_never_stalls_the_crawl(settings, weights) -> None:
+    """With the broker unreachable, the first publish fails off the event loop (which keeps running) and
+    the broker is then skipped: the experts are left to the calibration sweep."""
+    import socket
+
+    from crawler.breaker import _breakers
+    from crawler.pipelines.enqueue import EnqueueCalibrationPipeline
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed: nothing listens there
+    _breakers.clear()
+    crawler = _crawler(settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{port}/0"}))
+    pipe = EnqueueCalibrationPipeline.from_crawler(crawler)
+    pipe.open_spider()
+    records = []
+    for i in range(6):
+        record = _through(crawler, _record(civitai_item_for(weights(f"d{i}.safetensors", seed=i), version_id=90 + i)))
+        record.status = "new"
+        records.append(record)
+
+    async def crawl() -> int:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def loop_alive() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        alive = asyncio.create_task(loop_alive())
+        for record in records:
+            assert await pipe.process_item(record) is record
+        stop.set()
+        await alive
+        return ticks
+
+    ticks = asyncio.run(crawl())
+    pipe.close_spider()
+    assert ticks > 10  # the loop kept turning while the publish failed
+    assert crawler.stats.get_value("diffgraph/anomaly/enqueue_failed") == 1
+    assert crawler.stats.get_value("diffgraph/anomaly/enqueue_skipped") == 5
 
 
 _TRY_OPEN = """
@@ -206,6 +256,7 @@ def test_graph_stage_holds_the_store_across_batches_then_hands_it_back(settings,
         pipe.flush(items[:2])
         first = pipe._store
         pipe.flush(items[2:])
+        pipe.after_flush(asyncio.get_running_loop())  # what the stage does once a batch is delivered
         seen["held"], seen["reused"] = first is not None, pipe._store is first
         seen["while_held"] = _other_process_open(path)  # blocks the loop, so the idle timer cannot fire
         await asyncio.sleep(0.6)
@@ -237,3 +288,61 @@ def test_graph_stage_hands_the_store_back_after_the_hold_limit(settings, weights
 
     assert asyncio.run(one_batch()) is None
     assert item.status == "new"
+
+
+def test_a_failing_llm_endpoint_is_skipped_after_three_failures(settings) -> None:
+    from crawler.breaker import _breakers
+
+    _breakers.clear()
+    experts = [_expert(f"Expert number {i}. Paints things.") for i in range(12)]
+    with FakeLLMServer([503]) as server:
+        cfg = settings.model_copy(update={"llm_base_url": server.base_url, "llm_model": "fake",
+                                          "llm_max_retries": 2})
+        reports, fallbacks = describe(cfg, experts)
+        calls = len(server.calls)
+    assert fallbacks == 12 and reports == [offline_report(e) for e in experts]
+    # without the breaker: 12 experts x 3 attempts x 2 requests (the openai client retries once) = 72;
+    # with it, three failures in a row open it (plus the calls the 4 threads already had in flight)
+    assert calls <= 2 * (3 + 4)
+
+
+def test_batches_flush_on_a_worker_thread_in_order(settings) -> None:
+    import threading
+    import time
+
+    from crawler.pipelines.base import BatchStage
+
+    class Slow(BatchStage):
+        stage = "slow"
+        flushed: list[tuple[str, list[str]]] = []
+
+        def flush(self, items):
+            time.sleep(0.2)  # blocking work (an LLM call, an embedding, a database write)
+            self.flushed.append((threading.current_thread().name, [i.version_id for i in items]))
+            return [None] * len(items)
+
+    crawler = get_crawler(settings_dict=scrapy_settings(settings, DIFFGRAPH_BATCH_SIZE=2))
+    stage = Slow.from_crawler(crawler)
+    records = [SourceRecord(source="civitai", version_id=str(i), model={}, version={}) for i in range(6)]
+
+    async def run() -> int:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def loop_alive() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        alive = asyncio.create_task(loop_alive())
+        await asyncio.gather(*(stage.process_item(r) for r in records))
+        await stage.close_spider()
+        stop.set()
+        await alive
+        return ticks
+
+    ticks = asyncio.run(run())
+    assert [ids for _, ids in Slow.flushed] == [["0", "1"], ["2", "3"], ["4", "5"]]
+    assert all(name.startswith("diffgraph-slow") for name, _ in Slow.flushed)
+    assert ticks > 20  # the loop kept turning through 0.6 s of blocking flushes

@@ -124,7 +124,7 @@ def test_retry_after_header_forms() -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from crawler.middlewares import retry_after_seconds
+    from crawler.retry_after import retry_after_seconds
 
     assert retry_after_seconds(b"3") == 3.0
     assert retry_after_seconds("junk") is None and retry_after_seconds(None) is None
@@ -175,3 +175,23 @@ def test_versions_that_failed_before_are_fetched_before_the_listing(settings) ->
     assert retry.url == f"{API}/model-versions/55" and retry.meta["version_id"] == "55"
     assert listing.url == spider.first_page_url() and listing.meta["listing"]
     assert spider.crawler.stats.get_value("diffgraph/retried") == 1
+
+
+def test_next_page_links_from_api_data_stay_on_the_source(settings) -> None:
+    for bad in ("file:///etc/passwd", f"ftp://{API.split('/')[2]}/models",
+                "https://evil.example/api/v1/models?cursor=1"):
+        spider = _spider(settings)
+        out = list(spider.parse(_page(_page_of(civitai_items()[:1], bad))))
+        followed = [o.url for o in out if isinstance(o, Request)]
+        assert bad not in followed and all(u.startswith(f"{API}/models?") for u in followed), bad
+    assert spider.crawler.stats.get_value("diffgraph/anomaly/offsite_next_page") == 1
+    hub = _spider(settings, cls=HuggingFaceSpider)
+    response = TextResponse("https://huggingface.co/api/models", body=b"[]", encoding="utf-8",
+                            headers={"Link": '<file:///etc/shadow>; rel="next"'},
+                            request=Request("https://huggingface.co/api/models"))
+    assert [r.url for r in hub.parse(response) if isinstance(r, Request)] == []
+
+
+def test_scrapy_fetches_http_only(settings) -> None:
+    handlers = scrapy_settings(settings)["DOWNLOAD_HANDLERS"]
+    assert all(handlers[scheme] is None for scheme in ("file", "data", "s3", "ftp"))

@@ -6,7 +6,7 @@ from scrapy.utils.test import get_crawler
 
 from core.records import CrawlItem, session_scope
 from crawler.items import SourceRecord
-from crawler.pipelines.base import BatchStage
+from crawler.pipelines.base import BatchStage, Failed
 from crawler.settings import scrapy_settings
 from crawler.state import MAX_ATTEMPTS, known_hashes, remember_failures, retry_ids
 from crawler.stats import RETRY
@@ -41,19 +41,10 @@ def test_a_failing_batch_stage_queues_its_items_for_the_next_run(settings) -> No
     crawler = get_crawler(settings_dict=scrapy_settings(settings))
     stage = _Broken.from_crawler(crawler)
     items = [SourceRecord(source="civitai", version_id=v, model={}, version={}) for v in ("7", "8")]
-    stage.pending = [(item, _Future()) for item in items]
-    stage._flush_now()
+    outcomes = stage._flush_batch(items)  # what the stage's worker thread runs for a batch
+    assert all(isinstance(o, Failed) for o in outcomes)
     retry = crawler.stats.get_value(RETRY)
     assert set(retry) == {"7", "8"} and retry["7"].startswith("graph_error: the embedded graph")
     assert crawler.stats.get_value("diffgraph/failed/graph_error") == 2
 
 
-class _Future:
-    def __init__(self) -> None:
-        self.result = None
-
-    def done(self) -> bool:
-        return self.result is not None
-
-    def set_result(self, value) -> None:
-        self.result = value
