@@ -163,3 +163,28 @@ def test_plans_of_every_method(eval_settings, tmp_path: Path) -> None:
     swarms.prepare(ctx)
     assert swarms.weights is not None and sum(swarms.weights) == pytest.approx(1.0)
     assert json.loads((tmp_path / "swarms.json").read_text())["evaluations"] <= 3
+
+
+def test_world_sets_and_metrics_go_through_the_world(eval_settings, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    from PIL import Image
+
+    for name in ("world", "world.prompts", "world.scorers", "world.paths"):  # the fake leaves no trace
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fake_world"))
+    out = tmp_path / "run"
+    code, stdout, stderr = _eval("--prompts", "world:heldout", "--methods", "direct", "--metrics", "adherence,cs",
+                                 "--out", str(out), "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["prompts"]["world:heldout"]["n"] == 2 and doc["prompts"]["world:heldout"]["dropped_calibration"] == 1
+    from world import scorers  # the fake
+
+    recs = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    for r in recs:
+        with Image.open(out / r["image"]) as im:
+            assert r["scores"]["adherence"] == pytest.approx(scorers.adherence([im], [r["prompt"]])[0], abs=1e-6)
+            assert r["scores"]["cs"] == pytest.approx(scorers.clip_score([im], [r["prompt"]])[0], abs=1e-6)
+    assert {r["prompt"] for r in recs} == {"a green triangle", "a blue circle above a red square"}
