@@ -146,13 +146,14 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
     # 1. rescore saved images that lack a requested metric (a metric added to an earlier run)
     _rescore(cfg, sets, records, usable, writer)
 
-    # 2. what is left to sample, per method
+    # 2. what is left to sample, per method (a vgae image made by an older planner checkpoint is stale)
     seeds = list(range(cfg.seeds))
+    versions = {m: planner_version(settings, m) for m in cfg.methods}
     pending: dict[str, list[tuple[PromptSet, int]]] = {}
     for method in cfg.methods:
         for ps in sets:
             for i in range(len(ps.prompts)):
-                if any(not _have(records, method, ps, i, s) for s in seeds):
+                if any(not _have(records, method, ps, i, s, versions[method]) for s in seeds):
                     pending.setdefault(method, []).append((ps, i))
     if not pending:
         return run
@@ -192,7 +193,8 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
         if progress:
             progress(method, 0, total)
         for group in groups.values():
-            jobs = [(ps, i, s) for ps, i in group for s in seeds if not _have(records, method, ps, i, s)]
+            jobs = [(ps, i, s) for ps, i in group for s in seeds
+                    if not _have(records, method, ps, i, s, versions[method])]
             for start in range(0, len(jobs), BATCH):
                 batch = jobs[start:start + BATCH]
                 plan = plans[(method, batch[0][0].name, batch[0][1])]
@@ -207,7 +209,7 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
                     image.save(tmp)
                     tmp.replace(cfg.out_dir / rel)
                     new.append({"method": method, "set": ps.name, "index": i, "prompt": ps.prompts[i], "seed": s,
-                                "image": str(rel), "scores": {}})
+                                "image": str(rel), "planner": versions[method], "scores": {}})
                 _score_records(new, cfg.out_dir, sets, usable, result.images)
                 writer.append(new)
                 for r in new:
@@ -219,9 +221,22 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
 
 
 def _have(records: dict[tuple[str, str, int, int], dict[str, Any]], method: str, ps: PromptSet, i: int,
-          seed: int) -> bool:
+          seed: int, version: str) -> bool:
     r = records.get((method, ps.name, i, seed))
-    return r is not None and r["prompt"] == ps.prompts[i]
+    return r is not None and r["prompt"] == ps.prompts[i] and r.get("planner", "") == version
+
+
+def planner_version(settings: Settings, method: str) -> str:
+    """The planner checkpoint a vgae row would use now ("" for the other methods)."""
+    from evaluation.methods import Vgae
+
+    cls = METHODS[method]
+    if not issubclass(cls, Vgae):
+        return ""
+    from planner.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(settings, target=cls.target)
+    return ckpt.version if ckpt is not None else "none"
 
 
 def _named(scorer: MetricScorer) -> Any:
@@ -318,16 +333,6 @@ def _rescore(cfg: EvalConfig, sets: list[PromptSet], records: dict[tuple[str, st
         writer.append(recs)
         for k, r in zip(stale[start:start + 32], recs, strict=True):
             records[k] = r
-
-
-def check_records(run: EvalRun) -> None:
-    """Records whose prompt text no longer matches the set (the file changed) are not counted."""
-    names = {s.name: s for s in run.sets}
-    for key in list(run.records):
-        r = run.records[key]
-        ps = names.get(r["set"])
-        if ps is None or r["index"] >= len(ps.prompts) or ps.prompts[r["index"]] != r["prompt"]:
-            del run.records[key]
 
 
 __all__ = ["EvalConfig", "EvalRun", "run_eval", "prepare", "DiffGraphError"]

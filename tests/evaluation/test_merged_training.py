@@ -50,3 +50,14 @@ def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Pa
     rows = {r["method"]: r for r in json.loads(res.stdout)["rows"]}
     assert set(rows) == {"vgae-solo", "vgae-merged"}
     assert "fallback" not in res.stderr
+
+    # a retrained solo planner makes the vgae-solo images stale: a rerun makes them again, not vgae-merged's
+    from evaluation.run import read_records
+
+    newer = train_planner(eval_settings, epochs=5, seed=1)
+    res = runner.invoke(app, ["eval", "--prompts", str(prompt_file), "--methods", "vgae-solo,vgae-merged",
+                              "--metrics", "cs", "--steps", "1", "--size", "32", "--limit", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.stderr
+    planners = {k[0]: r["planner"] for k, r in read_records(out / "scores.jsonl").items()}
+    latest_merged = latest_checkpoint(eval_settings, target="merged")
+    assert planners == {"vgae-solo": newer.version, "vgae-merged": latest_merged.version}
