@@ -101,6 +101,7 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
     cache_dir = checkpoint_dir(settings) / "outcomes"
     cache_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
+    generator = None  # one Generator for every search, so its pipeline cache serves them all
     for n, (pid, text, plan, caps) in enumerate(_plans(settings, chosen), 1):
         experts = [(e.expert_id, e.sha256, e.kind.value) for e in plan.experts]
         key = hashlib.sha256(json.dumps([pid, text, experts, budget, name, steps, size, seeds,
@@ -109,8 +110,12 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
         if path.is_file():
             outcomes.append(json.loads(path.read_text()))
             continue
+        if generator is None:
+            from merger.generate import Generator
+
+            generator = Generator(settings)
         utility = MergeUtility(settings, plan, [text], score, seeds=list(range(seeds)), steps=steps, size=size,
-                               lora_caps=caps)
+                               lora_caps=caps, generator=generator)
         t0 = time.perf_counter()
         result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=budget, seed=n))
         n_ck = len(plan.checkpoints)
