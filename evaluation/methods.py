@@ -64,6 +64,7 @@ class EvalContext:
     size: int = 64
     swarm_budget: int = 12
     notes: dict[str, list[str]] = field(default_factory=dict)
+    generator: Any = None  # merger.generate.Generator shared by the search and the sampling
     _agents: dict[str, Any] = field(default_factory=dict)
 
     def base_plan(self, method: str, prompt: str = "") -> MergePlan:
@@ -141,7 +142,7 @@ class Swarms(Method):
         if self.weights is None:
             base = ctx.base_plan(self.name).model_copy(update={"checkpoints": experts})
             utility = MergeUtility(ctx.settings, base, ctx.calibration_prompts, ctx.utility, steps=ctx.steps,
-                                   size=ctx.size)
+                                   size=ctx.size, generator=ctx.generator)
             result = swarm_search(len(experts), utility, SwarmConfig(budget=ctx.swarm_budget))
             total = float(sum(result.best)) or 1.0
             self.weights = [float(v) / total for v in result.best]

@@ -158,8 +158,11 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
     if not pending:
         return run
 
+    from merger.generate import Generator
+
+    generator = Generator(settings)
     ctx = EvalContext(settings, family, base, cfg.out_dir, steps=cfg.steps, size=cfg.size,
-                      swarm_budget=cfg.swarm_budget)
+                      swarm_budget=cfg.swarm_budget, generator=generator)
     methods = {name: METHODS[name]() for name in pending}
     _load_checkpoints(ctx, methods)
     if "swarms" in methods:
@@ -181,9 +184,6 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
     plans = _make_plans(ctx, methods, pending)
     run.notes = ctx.notes
 
-    from merger.generate import Generator
-
-    generator = Generator(settings)
     for method, items in pending.items():
         groups: dict[str, list[tuple[PromptSet, int]]] = {}
         for ps, i in items:
