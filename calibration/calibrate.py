@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from calibration.scorers import Scorer
 
 # Gain that counts as clearly better per metric, in each scorer's own units (see module docstring).
-METRIC_SCALES = {"clip": 2.5, "aesthetic": 0.3, "imagereward": 0.5, "hpsv2": 1.0, "pickscore": 0.5}
+METRIC_SCALES = {"clip": 2.5, "aesthetic": 0.3, "imagereward": 0.5, "hpsv2": 0.01, "pickscore": 0.5}
 DEFAULT_SCALE = 1.0
 BATCH_SIZE = 8  # prompts per generate() call
 ProgressFn = Callable[[str, int, int], None]

@@ -8,11 +8,18 @@ Registry (``settings.scorer_paths`` key → what it must point at):
   ``layers.{0,2,4,6,7}.{weight,bias}``) applied to the L2-normalised CLIP image embedding of the CLIP model at
   ``scorer_paths["aesthetic_clip"]`` (default: ``scorer_paths["clip"]``). Its input size must equal that
   CLIP's projection dim (768 for ViT-L/14).
-* ``pickscore`` / ``hpsv2`` — CLIP-family preference models converted to a transformers CLIP directory.
-  Score: ``logit_scale · cos(image, text)`` (PickScore's definition; HPSv2 uses the same form).
-* ``imagereward`` — needs the ``image-reward`` package, its checkpoint with ``med_config.json`` beside it,
-  and ``allow_pickle`` (the checkpoint is a pickle). Its BLIP text tokenizer (bert-base-uncased) must already
-  be in the local Hugging Face cache: nothing is downloaded at run time.
+* ``pickscore`` — PickScore as a transformers CLIP directory. Score: ``logit_scale · cos(image, text)``.
+* ``hpsv2`` — the released OpenCLIP checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, or a
+  ``.safetensors`` of it), renamed onto ``transformers.CLIPModel`` at load time
+  (:mod:`calibration.reward_models`), with the CLIP processor at ``scorer_paths["hpsv2_processor"]``
+  (default ``scorer_paths["clip"]``); or an already converted transformers CLIP directory. Score: HPSv2's
+  ``cos(image, text)``.
+* ``imagereward`` — the released ``ImageReward.pt`` (or a ``.safetensors`` of it) with BLIP's
+  ``med_config.json`` beside it, rebuilt on transformers' BLIP classes (:mod:`calibration.reward_models`);
+  the bert-base-uncased tokenizer directory at ``scorer_paths["imagereward_tokenizer"]`` (default
+  ``tokenizer/`` beside the checkpoint). Nothing is downloaded at run time.
+
+A ``.pt`` checkpoint is a pickle: it is read only with ``allow_pickle`` and ``torch.load(weights_only=True)``.
 
 A scorer whose path is unset, missing, or unusable is returned as ``Unavailable(name, reason)``: it is
 reported, never skipped silently and never replaced by a fake score.
@@ -21,7 +28,6 @@ reported, never skipped silently and never replaced by a fake score.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -241,25 +247,6 @@ class AestheticScorer:
         return [float(x) for x in out]
 
 
-class ImageRewardScorer:
-    """ImageReward via its own package (BLIP + MLP); loaded only with ``allow_pickle`` (its checkpoint is a pickle)."""
-
-    def __init__(self, path: Path, device: str) -> None:
-        import ImageReward as reward  # noqa: N813 - the package's own module name
-
-        self.name = "imagereward"
-        try:
-            self.model = reward.load(str(path), device=device, med_config=str(path.parent / "med_config.json"))
-        except Exception as exc:  # the package raises many kinds for bad files
-            raise ScorerError(f"cannot load ImageReward from {path}: {exc}") from exc
-        self.version = f"imagereward:{weights_hash(path)[:8]}"
-        self._lock = threading.Lock()
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        with self._lock:
-            return [float(self.model.score(p, [im])) for im, p in zip(images, prompts, strict=True)]
-
-
 # -- registry -----------------------------------------------------------------------------------------
 def _path_or_reason(settings: Settings, key: str, want_dir: bool) -> Path | str:
     raw = settings.scorer_paths.get(key, "")
@@ -293,35 +280,61 @@ def _load_aesthetic(settings: Settings) -> Scorer | Unavailable:
     return AestheticScorer(head, clip, _device(settings))
 
 
-def _clip_family(name: str) -> Callable[[Settings], Scorer | Unavailable]:
-    def load(settings: Settings) -> Scorer | Unavailable:
-        p = _path_or_reason(settings, name, want_dir=True)
-        if isinstance(p, str):
-            return Unavailable(name, p)
-        return ClipScorer(name, p, _device(settings), use_logit_scale=True)
+def _load_pickscore(settings: Settings) -> Scorer | Unavailable:
+    p = _path_or_reason(settings, "pickscore", want_dir=True)
+    if isinstance(p, str):
+        return Unavailable("pickscore", p)
+    return ClipScorer("pickscore", p, _device(settings), use_logit_scale=True)
 
-    return load
+
+def _checkpoint_or_reason(settings: Settings, key: str) -> Path | str:
+    """A checkpoint file for ``key``; a pickle without ``allow_pickle`` is a reason, not an error."""
+    p = _path_or_reason(settings, key, want_dir=False)
+    if isinstance(p, Path) and p.suffix != ".safetensors" and not settings.allow_pickle:
+        return f"{p.name} is a pickle; set DIFFGRAPH_ALLOW_PICKLE=1 to load it (torch.load(weights_only=True))"
+    return p
+
+
+def _load_hpsv2(settings: Settings) -> Scorer | Unavailable:
+    from calibration.reward_models import HPSv2Scorer
+
+    raw = settings.scorer_paths.get("hpsv2", "")
+    if raw and Path(os.path.expanduser(raw)).is_dir():  # an already converted transformers CLIP directory
+        p = _path_or_reason(settings, "hpsv2", want_dir=True)
+        if isinstance(p, str):
+            return Unavailable("hpsv2", p)
+        scorer = ClipScorer("hpsv2", p, _device(settings))
+        scorer._scale = 1.0  # HPSv2's score is the plain cosine
+        return scorer
+    p = _checkpoint_or_reason(settings, "hpsv2")
+    if isinstance(p, str):
+        return Unavailable("hpsv2", p)
+    proc_key = "hpsv2_processor" if settings.scorer_paths.get("hpsv2_processor") else "clip"
+    proc = _path_or_reason(settings, proc_key, want_dir=True)
+    if isinstance(proc, str):
+        return Unavailable("hpsv2", f"needs a CLIP tokenizer/processor directory: {proc}")
+    return HPSv2Scorer(p, proc, _device(settings), settings.allow_pickle, f"hpsv2:{weights_hash(p)[:8]}")
 
 
 def _load_imagereward(settings: Settings) -> Scorer | Unavailable:
-    p = _path_or_reason(settings, "imagereward", want_dir=False)
+    from calibration.reward_models import ImageRewardScorer
+
+    p = _checkpoint_or_reason(settings, "imagereward")
     if isinstance(p, str):
         return Unavailable("imagereward", p)
-    if importlib.util.find_spec("ImageReward") is None:
-        return Unavailable("imagereward", "the 'image-reward' package is not installed (pip install image-reward)")
-    if not settings.allow_pickle:
-        return Unavailable("imagereward", "its checkpoint is a pickle; set DIFFGRAPH_ALLOW_PICKLE=1 to load it")
-    if not (p.parent / "med_config.json").is_file():  # without it the package downloads one at load time
-        return Unavailable("imagereward", f"med_config.json must sit next to {p.name} (no downloads at run time)")
-    return ImageRewardScorer(p, _device(settings))
+    tok = Path(os.path.expanduser(settings.scorer_paths.get("imagereward_tokenizer") or str(p.parent / "tokenizer")))
+    if not (tok / "vocab.txt").is_file():
+        return Unavailable("imagereward", f"needs the bert-base-uncased tokenizer (vocab.txt) at {tok} "
+                                          "(scorer_paths['imagereward_tokenizer'])")
+    return ImageRewardScorer(p, tok, _device(settings), settings.allow_pickle, f"imagereward:{weights_hash(p)[:8]}")
 
 
 LOADERS: dict[str, Callable[[Settings], Scorer | Unavailable]] = {
     "clip": _load_clip,
     "aesthetic": _load_aesthetic,
     "imagereward": _load_imagereward,
-    "hpsv2": _clip_family("hpsv2"),
-    "pickscore": _clip_family("pickscore"),
+    "hpsv2": _load_hpsv2,
+    "pickscore": _load_pickscore,
 }
 
 

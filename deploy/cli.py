@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "calibration.cli",
     "planner.cli",
     "merger.cli",
+    "evaluation.cli",
     "deploy.generate_cli",
     "deploy.demo",
 )

@@ -75,8 +75,12 @@ class Generator:
 
     def generate(self, plan: MergePlan, prompt: str | list[str], negative_prompt: str = "", seed: int = 0,
                  steps: int = 20, guidance: float = 7.0, width: int = 512, height: int = 512,
-                 num_images: int = 1, progress: Progress | None = None) -> GenerationResult:
+                 num_images: int = 1, progress: Progress | None = None,
+                 seeds: list[int] | None = None) -> GenerationResult:
         """Sample ``num_images`` per prompt from the plan's merged model.
+
+        ``seeds`` (one per image, prompt-major) gives every image its own noise, so an image does not depend
+        on the batch it was sampled in; otherwise ``seed`` seeds the whole batch.
 
         Raises:
             ValidationFailed: empty prompt or bad sampling arguments.
@@ -136,7 +140,12 @@ class Generator:
                 return kwargs
 
             # A CPU generator gives the same noise on every device, so a seed means the same image.
-            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+            if seeds is not None:
+                if len(seeds) != len(prompts) * num_images:
+                    raise ValidationFailed(f"{len(seeds)} seeds for {len(prompts) * num_images} images")
+                gen = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            else:
+                gen = torch.Generator(device="cpu").manual_seed(int(seed))
             with torch.inference_mode():
                 out = entry.pipe(
                     prompt=prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,

@@ -29,6 +29,7 @@ from planner.coefficients import (
     BetaEstimate,
     check_method,
     method_values,
+    normalise_checkpoints,
     planned,
     predict_beta,
 )
@@ -107,6 +108,8 @@ class ExpertSelectionAgent:
             if not ckpts and not loras and not self.store.find_experts(limit=1):
                 raise DiffGraphError("the expert graph is empty: crawl or register experts before planning")
 
+        used = {"method": method}  # what actually made the coefficients (vgae may fall back)
+
         def finish(
             checkpoints: list[PlannedExpert] | None = None, loras: list[PlannedExpert] | None = None
         ) -> MergePlan:
@@ -114,7 +117,7 @@ class ExpertSelectionAgent:
                 prompt=prompt,
                 base_family=family,
                 base_model=s.base_models.get(family, ""),
-                method=method,
+                method=used["method"],
                 seed=seed,
                 checkpoints=checkpoints or [],
                 loras=loras or [],
@@ -136,7 +139,9 @@ class ExpertSelectionAgent:
             return finish()
 
         with _timed(timings, "coefficients"):
-            planned_ck, planned_lo = self._assign(selection, method, prompt, query.prompt_vec, notes, timings)
+            planned_ck, planned_lo, used["method"] = self._assign(
+                selection, method, prompt, query.prompt_vec, notes, timings
+            )
         return finish(planned_ck, planned_lo)
 
     def _retrieve(
@@ -155,21 +160,25 @@ class ExpertSelectionAgent:
         prompt_vec: np.ndarray,
         notes: list[str],
         timings: dict[str, float],
-    ) -> tuple[list[PlannedExpert], list[PlannedExpert]]:
+    ) -> tuple[list[PlannedExpert], list[PlannedExpert], str]:
+        """Planned checkpoints and LoRAs, and the method that actually produced the coefficients."""
         lmax = self.settings.lora_max_weight
         betas = None
         if method == "vgae":
             betas = self._vgae_betas(sel, prompt, prompt_vec, notes, timings)
         if betas is not None:
             ck_values = [betas[c.candidate.expert.id].mean for c in sel.checkpoints]
-            lo_values = [betas[c.candidate.expert.id].mean for c in sel.loras]
+            # LoRA Beta means sum to 1 like fixed's 1/n and similarity's softmax (comparable strengths)
+            lo_values = normalise_checkpoints([betas[c.candidate.expert.id].mean for c in sel.loras])
+            used = method
         else:
-            rule = "similarity" if method == "vgae" else method
-            ck_values = method_values(rule, sel.checkpoints, prompt_vec)
-            lo_values = method_values(rule, sel.loras, prompt_vec)
+            used = "similarity" if method == "vgae" else method
+            ck_values = method_values(used, sel.checkpoints, prompt_vec)
+            lo_values = method_values(used, sel.loras, prompt_vec)
         return (
             planned(sel.checkpoints, "checkpoint", ck_values, lmax, betas),
             planned(sel.loras, "lora", lo_values, lmax, betas),
+            used,
         )
 
     def _vgae_betas(
@@ -181,7 +190,7 @@ class ExpertSelectionAgent:
             return None
         if ckpt.config.in_dim != len(prompt_vec) + _EXTRA_FEATURES:
             notes.append(
-                f"VGAE {ckpt.version} expects {ckpt.config.in_dim - _EXTRA_FEATURES}-dim embeddings, the embedder "
+                f"fallback: VGAE {ckpt.version} expects {ckpt.config.in_dim - _EXTRA_FEATURES}-dim embeddings, the embedder "
                 f"gives {len(prompt_vec)}: falling back to the similarity rule; retrain the planner"
             )
             return None
@@ -191,7 +200,7 @@ class ExpertSelectionAgent:
         with _timed(timings, "vgae"):
             betas = predict_beta(ckpt.model, sub, prompt, prompt_vec, ids)
         if len(betas) != len(ids):
-            notes.append("VGAE could not score every expert: falling back to the similarity rule")
+            notes.append("fallback: VGAE could not score every expert: falling back to the similarity rule")
             return None
         notes.append(f"coefficients: VGAE {ckpt.version} (Beta mean; std = uncertainty)")
         return betas

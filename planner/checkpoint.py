@@ -1,7 +1,7 @@
 """Versioned VGAE checkpoints: ``<data_dir>/planner/vgae-<version>.pt`` plus a ``PlannerModel`` SQL row.
 
-A checkpoint is a plain dict (``state_dict``, ``config``, ``metrics``, ``version``, ``embedding_model``)
-written with ``torch.save`` and read back with ``torch.load(weights_only=True)`` only.
+A checkpoint is a plain dict (``state_dict``, ``config``, ``metrics``, ``version``, ``embedding_model``,
+``target``) written with ``torch.save`` and read back with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class PlannerCheckpoint:
     model: BetaVGAE  # in eval mode
     metrics: dict[str, Any] = field(default_factory=dict)
     embedding_model: str = ""
+    target: str = "solo"  # what the Beta head was trained toward: solo capability or merged outcomes
 
 
 def checkpoint_dir(settings: Settings) -> Path:
@@ -43,8 +44,12 @@ def save_checkpoint(
     model: BetaVGAE,
     config: VGAEConfig,
     metrics: dict[str, Any],
+    target: str = "solo",
 ) -> tuple[Path, int]:
-    """Write the checkpoint file atomically and register it; returns (path, PlannerModel id)."""
+    """Write the checkpoint file atomically and register it; returns (path, PlannerModel id).
+
+    ``target`` (``solo`` | ``merged``) is stored in the file and in the row's metrics."""
+    metrics = {**metrics, "target": target}
     out = checkpoint_dir(settings) / f"vgae-{version}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".pt.tmp")
@@ -54,6 +59,7 @@ def save_checkpoint(
             "config": config.to_dict(),
             "metrics": metrics,
             "embedding_model": settings.embedding_model,
+            "target": target,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
         tmp,
@@ -87,6 +93,7 @@ def _load(path: str, mtime_ns: int) -> PlannerCheckpoint:
         model=model,
         metrics=dict(blob.get("metrics") or {}),
         embedding_model=str(blob.get("embedding_model", "")),
+        target=str(blob.get("target", "solo")),
     )
 
 
@@ -97,17 +104,20 @@ def load_checkpoint(path: Path) -> PlannerCheckpoint:
     return _load(str(path), path.stat().st_mtime_ns)
 
 
-def latest_record(settings: Settings) -> PlannerModel | None:
+def latest_record(settings: Settings, target: str | None = None) -> PlannerModel | None:
+    """The newest ``PlannerModel`` row (of ``target`` when given; rows without one are ``solo``)."""
     with session_scope(settings) as session:
-        row = session.scalars(select(PlannerModel).order_by(PlannerModel.id.desc()).limit(1)).first()
-        if row is not None:
-            session.expunge(row)
-        return row
+        query = select(PlannerModel).order_by(PlannerModel.id.desc())
+        for row in session.scalars(query if target is not None else query.limit(1)):
+            if target is None or (row.metrics or {}).get("target", "solo") == target:
+                session.expunge(row)
+                return row
+        return None
 
 
-def latest_checkpoint(settings: Settings) -> PlannerCheckpoint | None:
-    """The most recently registered checkpoint whose file still exists, or ``None``."""
-    row = latest_record(settings)
+def latest_checkpoint(settings: Settings, target: str | None = None) -> PlannerCheckpoint | None:
+    """The most recently registered checkpoint (of ``target`` when given) whose file still exists, or ``None``."""
+    row = latest_record(settings, target)
     if row is None:
         return None
     path = Path(row.path)

@@ -113,18 +113,33 @@ def train_command(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the training result as JSON.")] = False,
+    target: Annotated[str, typer.Option(
+        "--target", help="solo: solo capability scores; merged: coefficients that scored best when merged.")
+    ] = "solo",
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="merged: reference prompts searched.")] = 24,
+    budget: Annotated[int, typer.Option("--budget", min=1, help="merged: merges scored per prompt.")] = 8,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="merged: utility (adherence on the mini world, else clip, aesthetic, ...).")] = None,
 ) -> None:
     """Train the VGAE on the calibrated graph and register a new versioned checkpoint."""
     from core.settings import get_settings
     from planner.train import train_planner
 
+    if target not in ("solo", "merged"):
+        fail(f"unknown --target {target!r}: use solo or merged")
     with user_errors():
-        result = train_planner(get_settings(), epochs=epochs, seed=seed)
+        if target == "merged":
+            from planner.outcomes import train_merged
+
+            result = train_merged(get_settings(), epochs=epochs, seed=seed, n_prompts=prompts, budget=budget,
+                                  metric=metric, say=lambda m: console.print(m, highlight=False))
+        else:
+            result = train_planner(get_settings(), epochs=epochs, seed=seed)
     if json_out:
         print_json(result.to_dict())
         return
     console.print(
-        f"planner model {result.version}: {result.n_experts} experts, {result.n_prompts} prompts, "
+        f"planner model {result.version} ({target}): {result.n_experts} experts, {result.n_prompts} prompts, "
         f"{result.n_edges} capability edges, {result.seconds:.1f}s",
         highlight=False,
     )

@@ -9,8 +9,10 @@
   subgraph; the Beta alpha/beta/mean/std are reported on each planned expert.
 
 Each method yields a value ``v_i`` in ``[0, 1]`` per expert. Checkpoint coefficients are the ``v_i``
-normalised to sum to 1 (uniform if all are 0); LoRA coefficients are ``lora_max_weight * v_i``, so they lie
-in ``[0, lora_max_weight]``.
+normalised to sum to 1 (uniform if all are 0). LoRA strengths are ``lora_max_weight * v_i`` where the LoRA
+values also sum to 1 for every method (``fixed``: 1/n, ``similarity``: a softmax, ``vgae``: the Beta means
+divided by their sum), so strengths are comparable across methods; each strength is then capped at the
+LoRA's recommended weight when its source gives one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from planner.vgae import BetaVGAE
 METHODS = ("vgae", "fixed", "similarity", "direct")
 SIMILARITY_TEMPERATURE = 0.1
 SIMILARITY_FALLBACK_NOTE = (
-    "no trained VGAE model: coefficients use the similarity rule (softmax of prompt-skill cosine, "
+    "fallback: no trained VGAE model: coefficients use the similarity rule (softmax of prompt-skill cosine, "
     f"temperature {SIMILARITY_TEMPERATURE}); run `diffgraph planner train` to enable vgae"
 )
 
@@ -65,9 +67,17 @@ def normalise_checkpoints(values: Sequence[float]) -> list[float]:
     return [float(x) for x in (v / total if total > 0 else np.full(len(v), 1.0 / len(v)))]
 
 
-def scale_loras(values: Sequence[float], lora_max_weight: float) -> list[float]:
-    """Strengths ``lora_max_weight * v`` with ``v`` clipped into ``[0, 1]``."""
-    return [float(lora_max_weight * min(max(v, 0.0), 1.0)) for v in values]
+def scale_loras(
+    values: Sequence[float], lora_max_weight: float, caps: Sequence[float | None] | None = None
+) -> list[float]:
+    """Strengths ``lora_max_weight * v`` with ``v`` clipped into ``[0, 1]``, each at most its cap (a LoRA's
+    recommended weight; ``None`` = no cap)."""
+    caps = caps if caps is not None else [None] * len(values)
+    out = []
+    for v, cap in zip(values, caps, strict=True):
+        s = lora_max_weight * min(max(v, 0.0), 1.0)
+        out.append(float(min(s, cap) if cap is not None and cap > 0 else s))
+    return out
 
 
 def softmax(values: Sequence[float], temperature: float = SIMILARITY_TEMPERATURE) -> list[float]:
@@ -119,9 +129,11 @@ def planned(
     betas: dict[str, BetaEstimate] | None = None,
 ) -> list[PlannedExpert]:
     """``PlannedExpert`` rows for one kind group (``"checkpoint"`` or ``"lora"``) from per-expert values."""
-    coeffs = (
-        normalise_checkpoints(values) if kind_group == "checkpoint" else scale_loras(values, lora_max_weight)
-    )
+    if kind_group == "checkpoint":
+        coeffs = normalise_checkpoints(values)
+    else:
+        caps = [ch.candidate.expert.recommended_weight for ch in choices]
+        coeffs = scale_loras(values, lora_max_weight, caps)
     out = []
     for ch, c in zip(choices, coeffs, strict=True):
         e = ch.candidate.expert

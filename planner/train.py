@@ -230,6 +230,7 @@ def train_planner(
     n_prompts = sum(1 for n in sub.nodes if n.node_type == "refprompt")
     metrics.update(
         {
+            "target": "solo",
             "data_fingerprint": fingerprint(graph),
             "n_experts": n_experts,
             "n_prompts": n_prompts,

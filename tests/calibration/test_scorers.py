@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -44,10 +43,13 @@ def test_missing_weights_are_reported_unavailable(tmp_path: Path, tiny_clip: dic
     assert isinstance(reward, Unavailable) and "no weights configured" in reward.reason
     assert "pickscore" not in scorer_version(scorers)
 
-    present = {**tiny_clip, "imagereward": tiny_clip["aesthetic"]}  # a file exists, the package/pickle gate decides
+    present = {**tiny_clip, "imagereward": tiny_clip["aesthetic"]}  # a file exists but no tokenizer beside it
     reward = available_scorers(Settings(data_dir=tmp_path, scorer_paths=present, device="cpu"))["imagereward"]
-    expected = "not installed" if importlib.util.find_spec("ImageReward") is None else "pickle"
-    assert isinstance(reward, Unavailable) and expected in reward.reason
+    assert isinstance(reward, Unavailable) and "bert-base-uncased tokenizer" in reward.reason
+    pickled = tmp_path / "ImageReward.pt"
+    pickled.write_bytes(b"not read")
+    reward = available_scorers(Settings(data_dir=tmp_path, scorer_paths={"imagereward": str(pickled)}))["imagereward"]
+    assert isinstance(reward, Unavailable) and "DIFFGRAPH_ALLOW_PICKLE" in reward.reason
 
     nothing = available_scorers(Settings(data_dir=tmp_path, device="cpu"))
     assert all(isinstance(v, Unavailable) for v in nothing.values())

@@ -54,3 +54,10 @@ def test_unknown_method_is_rejected() -> None:
     assert check_method("vgae") == "vgae"
     with pytest.raises(ValidationFailed, match="unknown planner method"):
         check_method("magic")
+
+
+def test_lora_strengths_are_capped_at_the_recommended_weight() -> None:
+    from planner.coefficients import scale_loras
+
+    assert scale_loras([0.5, 0.5, 0.2], 1.5, [0.6, None, 0.0]) == pytest.approx([0.6, 0.75, 0.3])
+    assert scale_loras([2.0, -1.0], 1.0) == [1.0, 0.0]

@@ -1,0 +1,186 @@
+"""Train the VGAE's Beta head toward merge coefficients that scored best when the merge was actually sampled.
+
+``diffgraph planner train --target merged``. For each of ``n_prompts`` calibration reference prompts:
+
+1. ESA selects experts for the prompt (the ``fixed`` plan: what any method would merge);
+2. the budgeted Model Swarms search (:mod:`planner.swarms`) samples and scores merges of those experts on the
+   prompt and keeps the coefficient vector with the best score (``metric``: the mini world's ``adherence``
+   when it is installed, else the ``clip`` scorer);
+3. the winning values, normalised within checkpoints and within LoRAs exactly as the planner normalises
+   Beta means, become the targets of (expert, reference prompt) pairs.
+
+The VGAE is then fitted as in :func:`planner.train.fit` with those targets in place of the solo capability
+scores: calibration CAPABILITY edges stay node/edge features, and each epoch's target prompts have their own
+CAPABILITY edges removed from message passing, so a target prompt looks like a new user prompt. Inference
+is unchanged: one forward pass, no search. Search outcomes are cached under ``<data_dir>/planner/outcomes``
+by prompt, experts, budget, metric and sampling settings, so retraining costs no sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.settings import Settings
+from core.types import DiffGraphError, MergePlan, utcnow
+from graphdb.store import store_session
+from planner.checkpoint import checkpoint_dir, save_checkpoint
+from planner.graph import to_tensors
+from planner.swarms import MergeUtility, SwarmConfig, swarm_search
+from planner.train import TrainResult, fingerprint, fit, load_training_graph
+from planner.vgae import VGAEConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+def utility_scorer(settings: Settings, metric: str | None) -> tuple[str, Callable[[list[Any], list[str]], list[float]]]:
+    """``(name, score(images, prompts))``: the world's adherence, or a calibration scorer by name."""
+    import importlib
+
+    if metric in (None, "adherence"):
+        try:
+            world = importlib.import_module("world.scorers")
+            return "adherence", world.adherence
+        except ModuleNotFoundError as exc:
+            if metric == "adherence" or exc.name not in ("world", "world.scorers"):
+                raise DiffGraphError("the mini world is not installed (no importable 'world' package)") from None
+    from calibration.scorers import LOADERS, Unavailable
+
+    name = metric or "clip"
+    if name not in LOADERS:
+        raise DiffGraphError(f"unknown metric {name!r}: use adherence or one of {', '.join(LOADERS)}")
+    scorer = LOADERS[name](settings)
+    if isinstance(scorer, Unavailable):
+        raise DiffGraphError(f"metric {name} is unavailable: {scorer.reason}")
+    return scorer.version, scorer.score
+
+
+def _plans(settings: Settings, prompts: list[tuple[str, str]]
+           ) -> list[tuple[str, str, MergePlan, list[float | None]]]:
+    """ESA's ``fixed`` plan per prompt (paths resolved) and its LoRAs' recommended weights."""
+    from crawler.downloads import ensure_local
+    from planner.agent import ExpertSelectionAgent
+
+    out = []
+    with store_session(settings) as store:
+        agent = ExpertSelectionAgent(settings, store)
+        for pid, text in prompts:
+            plan = agent.plan(text, method="fixed", seed=0)
+            if not plan.experts:
+                continue
+            experts = {pe.expert_id: store.get_expert(pe.expert_id) for pe in plan.experts}
+            for pe in plan.experts:
+                pe.path = str(ensure_local(settings, experts[pe.expert_id]))
+            out.append((pid, text, plan, [experts[pe.expert_id].recommended_weight for pe in plan.loras]))
+    return out
+
+
+def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str | None, steps: int, size: int,
+                    seeds: int = 1, say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Per reference prompt: the experts ESA picked and the best coefficient values the search found."""
+    from calibration.refset import load_reference_set
+
+    with store_session(settings) as store:
+        known = {p.id: p.text for p in store.list_ref_prompts()}
+    ordered = [(p.id, p.text) for p in load_reference_set().prompts if p.id in known]
+    ordered += [(pid, text) for pid, text in sorted(known.items()) if pid not in {i for i, _ in ordered}]
+    # spread over the set (reference ids are grouped by category)
+    step = max(1, len(ordered) // max(1, n_prompts))
+    chosen = ordered[::step][:n_prompts]
+    name, score = utility_scorer(settings, metric)
+    cache_dir = checkpoint_dir(settings) / "outcomes"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    generator = None  # one Generator for every search, so its pipeline cache serves them all
+    for n, (pid, text, plan, caps) in enumerate(_plans(settings, chosen), 1):
+        experts = [(e.expert_id, e.sha256, e.kind.value) for e in plan.experts]
+        key = hashlib.sha256(json.dumps([pid, text, experts, budget, name, steps, size, seeds,
+                                         settings.lora_max_weight]).encode()).hexdigest()[:24]
+        path = cache_dir / f"{key}.json"
+        if path.is_file():
+            outcomes.append(json.loads(path.read_text()))
+            continue
+        if generator is None:
+            from merger.generate import Generator
+
+            generator = Generator(settings)
+        utility = MergeUtility(settings, plan, [text], score, seeds=list(range(seeds)), steps=steps, size=size,
+                               lora_caps=caps, generator=generator)
+        t0 = time.perf_counter()
+        result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=budget, seed=n))
+        n_ck = len(plan.checkpoints)
+        best = list(result.best)
+        values = _group_normalised(best[:n_ck]) + _group_normalised(best[n_ck:])
+        record = {
+            "prompt_id": pid, "prompt": text, "metric": name,
+            "experts": [e.expert_id for e in plan.experts], "targets": values,
+            "best_utility": result.best_utility, "uniform_utility": result.evaluations[0][1],
+            "evaluations": len(result.evaluations), "seconds": round(time.perf_counter() - t0, 3),
+        }
+        path.write_text(json.dumps(record))
+        outcomes.append(record)
+        if say:
+            say(f"{n}/{len(chosen)} {pid}: best {result.best_utility:.4f} vs uniform {record['uniform_utility']:.4f}")
+    return outcomes
+
+
+def _group_normalised(values: list[float]) -> list[float]:
+    total = float(sum(values))
+    if not values:
+        return []
+    return [float(v) / total if total > 0 else 1.0 / len(values) for v in values]
+
+
+def train_merged(settings: Settings, epochs: int = 200, seed: int = 0, n_prompts: int = 24, budget: int = 8,
+                 metric: str | None = None, steps: int | None = None, size: int | None = None,
+                 progress: Progress | None = None, say: Callable[[str], None] | None = None) -> TrainResult:
+    """Search merged outcomes, fit the VGAE toward them, and save a checkpoint with ``target="merged"``."""
+    started = time.perf_counter()
+    sub = load_training_graph(settings)
+    graph = to_tensors(sub)
+    outcomes = search_outcomes(settings, n_prompts, budget, metric, steps or settings.calib_steps,
+                               size or settings.calib_size, say=say)
+    index = graph.index
+    pairs, targets = [], []
+    for rec in outcomes:
+        if rec["prompt_id"] not in index:
+            continue
+        for eid, value in zip(rec["experts"], rec["targets"], strict=True):
+            if eid in index:
+                pairs.append((index[eid], index[rec["prompt_id"]]))
+                targets.append(value)
+    if not pairs:
+        raise DiffGraphError("no merged outcome could be measured (no reference prompt selected calibrated experts)")
+    merged = replace(graph, cap_pairs=torch.tensor(pairs, dtype=torch.long).t().contiguous(),
+                     cap_scores=torch.tensor(targets, dtype=torch.float32))
+    config = VGAEConfig(in_dim=int(graph.x.shape[1]))
+    model, metrics = fit(merged, config, epochs=epochs, seed=seed, progress=progress)
+    gains = [r["best_utility"] - r["uniform_utility"] for r in outcomes]
+    metrics.update({
+        "target": "merged",
+        "data_fingerprint": fingerprint(merged),
+        "n_outcome_prompts": len(outcomes),
+        "n_outcome_pairs": len(pairs),
+        "search_budget": budget,
+        "search_metric": outcomes[0]["metric"] if outcomes else metric,
+        "mean_search_gain_over_uniform": float(np.mean(gains)) if gains else None,
+        "search_seconds": round(sum(r["seconds"] for r in outcomes), 3),
+    })
+    metrics = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
+    version = f"{utcnow():%Y%m%dT%H%M%S%f}-s{seed}-merged"
+    path, model_id = save_checkpoint(settings, version, model, config, metrics, target="merged")
+    n_experts = sum(1 for n in sub.nodes if n.node_type in ("checkpoint", "lora"))
+    n_prompts_graph = sum(1 for n in sub.nodes if n.node_type == "refprompt")
+    return TrainResult(version=version, path=path, model_id=model_id, epochs=epochs, seed=seed,
+                       n_experts=n_experts, n_prompts=n_prompts_graph, n_edges=len(pairs),
+                       seconds=time.perf_counter() - started, metrics=metrics)

@@ -1,0 +1,63 @@
+"""``planner train --target merged``: search merged outcomes, train toward them, and ablate in the eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from deploy.cli import app
+
+runner = CliRunner()
+
+
+def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Path, tmp_path: Path) -> None:
+    from calibration.calibrate import calibrate_experts
+    from graphdb.store import store_session
+    from planner.checkpoint import latest_checkpoint
+    from planner.train import train_planner
+
+    with store_session(eval_settings) as store:
+        ids = [e.id for e in store.find_experts()]
+    assert all(o.status == "succeeded" for o in calibrate_experts(eval_settings, ids))
+    solo = train_planner(eval_settings, epochs=10)
+
+    result = runner.invoke(app, ["planner", "train", "--target", "merged", "--prompts", "2", "--budget", "3",
+                                 "--epochs", "10", "--metric", "clip", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["metrics"]["target"] == "merged" and doc["metrics"]["n_outcome_prompts"] >= 1
+    assert doc["metrics"]["search_budget"] == 3 and doc["n_edges"] >= 1
+    outcomes = [json.loads(p.read_text()) for p in (eval_settings.data_dir / "planner" / "outcomes").glob("*.json")]
+    for rec in outcomes:
+        assert rec["evaluations"] <= 3 and rec["best_utility"] >= rec["uniform_utility"]
+        assert all(0.0 <= t <= 1.0 for t in rec["targets"])
+    merged = latest_checkpoint(eval_settings, target="merged")
+    assert merged is not None and merged.target == "merged"
+    assert latest_checkpoint(eval_settings, target="solo").path == solo.path
+
+    # a second training reuses the searched outcomes (no sampling): same targets, same data fingerprint
+    again = runner.invoke(app, ["planner", "train", "--target", "merged", "--prompts", "2", "--budget", "3",
+                                "--epochs", "10", "--metric", "clip", "--json"])
+    assert json.loads(again.stdout)["metrics"]["data_fingerprint"] == doc["metrics"]["data_fingerprint"]
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["eval", "--prompts", str(prompt_file), "--methods", "vgae-solo,vgae-merged",
+                              "--metrics", "cs", "--steps", "1", "--size", "32", "--limit", "1", "--out", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.stderr
+    rows = {r["method"]: r for r in json.loads(res.stdout)["rows"]}
+    assert set(rows) == {"vgae-solo", "vgae-merged"}
+    assert "fallback" not in res.stderr
+
+    # a retrained solo planner makes the vgae-solo images stale: a rerun makes them again, not vgae-merged's
+    from evaluation.run import read_records
+
+    newer = train_planner(eval_settings, epochs=5, seed=1)
+    res = runner.invoke(app, ["eval", "--prompts", str(prompt_file), "--methods", "vgae-solo,vgae-merged",
+                              "--metrics", "cs", "--steps", "1", "--size", "32", "--limit", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.stderr
+    planners = {k[0]: r["planner"] for k, r in read_records(out / "scores.jsonl").items()}
+    latest_merged = latest_checkpoint(eval_settings, target="merged")
+    assert planners == {"vgae-solo": newer.version, "vgae-merged": latest_merged.version}
