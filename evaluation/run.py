@@ -253,7 +253,8 @@ def _load_checkpoints(ctx: EvalContext, methods: dict[str, Any]) -> None:
         return
     from core.types import ExpertKind, PlannedExpert
     from crawler.downloads import ensure_local
-    from graphdb.store import ExpertFilter, store_session
+    from graphdb.backends import store_session
+    from graphdb.store import ExpertFilter
 
     with store_session(ctx.settings) as store:
         experts = store.find_experts(ExpertFilter(kind=ExpertKind.checkpoint, base_family=ctx.family))
@@ -276,7 +277,7 @@ def _make_plans(ctx: EvalContext, methods: dict[str, Any], pending: dict[str, li
                 plans[(method, ps.name, i)] = methods[method].plan(ctx, ps.prompts[i])
 
     if any(m.needs_store for m in methods.values()):
-        from graphdb.store import store_session
+        from graphdb.backends import store_session
 
         with store_session(ctx.settings) as store:  # the embedded graph admits one process: plan, then close
             ctx.store = store

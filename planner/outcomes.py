@@ -31,7 +31,7 @@ import torch
 
 from core.settings import Settings
 from core.types import DiffGraphError, MergePlan, utcnow
-from graphdb.store import store_session
+from graphdb.backends import store_session
 from planner.checkpoint import checkpoint_dir, save_checkpoint
 from planner.graph import to_tensors
 from planner.swarms import MergeUtility, SwarmConfig, swarm_search

@@ -13,9 +13,10 @@ ALLOWED = {
     "graphdb": {"core"},
     "merger": {"core"},
     "crawler": {"core", "graphdb"},
-    "planner": {"core", "graphdb"},
     "calibration": {"core", "graphdb", "merger", "crawler"},
-    "deploy": {"core", "graphdb", "merger", "crawler", "planner", "calibration"},
+    "planner": {"core", "graphdb", "merger", "crawler", "calibration"},
+    "evaluation": {"core", "graphdb", "merger", "crawler", "calibration", "planner"},
+    "deploy": {"core", "graphdb", "merger", "crawler", "calibration", "planner", "evaluation"},
 }
 
 
