@@ -11,6 +11,7 @@ import pytest
 
 from core.settings import Settings, get_settings
 from core.types import Expert, ExpertFile, ExpertKind
+from tests.local_files import import_local_files
 
 
 @pytest.fixture(scope="session")
@@ -59,19 +60,6 @@ def local_expert(path: Path, name: str, kind: ExpertKind = ExpertKind.checkpoint
         files=[ExpertFile(name=path.name, url=path.resolve().as_uri(), sha256=sha, size_bytes=len(data))],
     )
 
-
-def import_local_files(settings: Settings, experts: list[Expert]) -> None:
-    """Admit the experts' local files into the weight store, as ``diffgraph download ID --from-file`` does
-    (``file://`` URLs are never fetched). A corrupt fixture stays out; using it then fails cleanly."""
-    from urllib.parse import unquote, urlsplit
-
-    from crawler.downloads import DownloadError, ensure_local
-
-    for e in experts:
-        try:
-            ensure_local(settings, e, from_file=Path(unquote(urlsplit(e.files[0].url).path)))
-        except DownloadError:
-            pass
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 
 from core.settings import Settings
 from core.types import Expert, ExpertFile, ExpertKind, MergePlan, PlannedExpert
+from tests.local_files import import_local_files
 
 
 @pytest.fixture(scope="session")
@@ -62,19 +63,6 @@ def register(settings: Settings, experts: dict[str, Expert]) -> None:
         store.upsert_experts(list(experts.values()))
     import_local_files(settings, list(experts.values()))
 
-
-def import_local_files(settings: Settings, experts: list[Expert]) -> None:
-    """Admit the experts' local files into the weight store, as ``diffgraph download ID --from-file`` does
-    (``file://`` URLs are never fetched). A corrupt fixture stays out; using it then fails cleanly."""
-    from urllib.parse import unquote, urlsplit
-
-    from crawler.downloads import DownloadError, ensure_local
-
-    for e in experts:
-        try:
-            ensure_local(settings, e, from_file=Path(unquote(urlsplit(e.files[0].url).path)))
-        except DownloadError:
-            pass
 
 
 def explicit_plan(experts: dict[str, Expert], ckpt: str = "ckpt0", lora: str | None = "lora0") -> dict:

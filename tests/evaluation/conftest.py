@@ -10,6 +10,7 @@ import pytest
 from core.settings import Settings, get_settings
 from core.types import ExpertKind
 from tests.calibration.conftest import local_expert
+from tests.local_files import import_local_files
 
 SKILLS = [
     ("checkpoints", 0, "Anime Illustration Mix", "anime characters, colourful illustration, cel shading"),
@@ -52,7 +53,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def eval_settings(settings: Settings, tiny_zoo, tiny_clip, embedder, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The zoo's experts registered with skills and embeddings (not calibrated: ESA needs no calibration)."""
-    from graphdb.store import store_session
+    from graphdb.backends import store_session
 
     env = {
         "DIFFGRAPH_BASE_MODELS": json.dumps({"sd15": str(tiny_zoo.base_dir)}),
@@ -73,6 +74,7 @@ def eval_settings(settings: Settings, tiny_zoo, tiny_clip, embedder, monkeypatch
         experts.append(e.model_copy(update={"skill": skill, "tags": skill.split(", "), "embedding": vec}))
     with store_session(s) as store:
         store.upsert_experts(experts)
+    import_local_files(s, experts)
     return s
 
 
