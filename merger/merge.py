@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.checkpoint import ModelSource, TensorRef, align, ldm_names_for, open_source
 from merger.errors import MergeError
+from merger.merge_cache import MergeCache
 from merger.merge_loras import TensorHook, lora_fusion_hook
 from merger.merge_writer import (
     DTYPE_NAMES,
@@ -438,7 +439,8 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     """The merged checkpoint as one original-layout ``.safetensors``, built once and then reused.
 
     Stored at ``<data_dir>/cache/merges/<hash>.safetensors`` where the hash covers the inputs' SHA-256s,
-    the weights, method, dtype, and (where they matter) density and seed. ``dtype`` defaults to the
+    the weights, method, dtype, and (where they matter) density and seed; the cache is bounded by
+    ``merge_cache_bytes`` and shared safely between processes (``merger.merge_cache``). ``dtype`` defaults to the
     settings' resolved dtype. A diffusers-dir base yields an original-layout file, which
     ``from_single_file(path, config=<base dir>)`` loads.
     """
@@ -450,12 +452,11 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     base_digest = source_digest(Path(base), hashes)
     expert_digests = [(source_digest(Path(p), hashes), w) for p, w in experts]
     key = merge_key(base_digest, expert_digests, method, dtype, density, seed)
-    out = Path(settings.data_dir) / "cache" / "merges" / f"{key}.safetensors"
-    if out.is_file():
-        return out
     provenance = {"base_sha256": base_digest, "expert_sha256": [d for d, _ in expert_digests], "cache_key": key}
-    return merge_checkpoints(Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed,
-                             progress, allow_pickle=settings.allow_pickle, provenance=provenance)
+    cache = MergeCache(Path(settings.data_dir) / "cache" / "merges", settings.merge_cache_bytes)
+    return cache.get_or_build(key, lambda out: merge_checkpoints(
+        Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed, progress,
+        allow_pickle=settings.allow_pickle, provenance=provenance))
 
 
 def _swap_in(base: Path, experts: list[tuple[Path, float]], method: str, allow_pickle: bool) -> Path | None:
