@@ -83,6 +83,8 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     if not isinstance(header, dict):
         raise CorruptWeights(f"{path.name}: malformed safetensors header (not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptWeights(f"{path.name}: malformed safetensors header (__metadata__ must map strings to strings)")
     data_bytes = size - 8 - n
     for name, info in header.items():
         try:

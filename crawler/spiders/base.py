@@ -160,7 +160,7 @@ class SourceSpider(scrapy.Spider):
         stays broken is counted as ``failed/broken_page`` and never raises."""
         try:
             return json.loads(response.text), None
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: nested too deep
             tries = int(response.meta.get("json_retries", 0))
             if tries < JSON_RETRIES:
                 log.warning("unparseable JSON from %s (%s); fetching it again", response.url, exc)
