@@ -197,3 +197,20 @@ def test_a_scorer_whose_package_fails_to_import_is_reported_unavailable(calib_se
     register(settings, [expert])
     (outcome,) = calibrate_experts(settings, [expert.id])
     assert outcome.status == "succeeded" and "imagereward" in outcome.metrics["unavailable_scorers"]
+
+
+def test_a_calibration_killed_by_its_hard_time_limit_is_recorded_as_failed(calib_settings) -> None:
+    """Celery calls the task's ``on_failure`` in the worker's main process after a hard kill."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    from calibration.calibrate import _start_run
+    from calibration.tasks import calibrate_expert
+
+    settings = calib_settings
+    running = _start_run(settings, "civitai:1", "task-killed", "v1", "clip:1", 3)
+    other = _start_run(settings, "civitai:2", "task-alive", "v1", "clip:1", 3)
+    calibrate_expert.on_failure(TimeLimitExceeded(7300), "task-killed", ("civitai:1",), {}, None)
+    runs = {r.id: r for r in _runs(settings)}
+    assert runs[running].status == "failed" and "time limit exceeded" in runs[running].error
+    assert runs[running].cause == "expert" and runs[running].finished_at is not None
+    assert runs[other].status == "running"  # another task's run is left alone
