@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SAMPLE = 60  # cases per target in make test (tests/fuzz/test_fuzz.py)
 
 
-def run_target(name: str, cases: int, seed: int) -> dict:
+def run_target(name: str, cases: int, seed: int, verbose: bool = False) -> dict:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hseed
 
@@ -51,6 +51,10 @@ def run_target(name: str, cases: int, seed: int) -> dict:
         if isinstance(exc, KeyboardInterrupt):
             raise
         crash = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if verbose:
+            import traceback
+
+            traceback.print_exception(exc)
     seconds = time.perf_counter() - start
     return {"target": name, "cases": count["n"], "crashes": int(crash is not None), "crash": crash,
             "seconds": round(seconds, 2), "cases_per_s": round(count["n"] / seconds, 1) if seconds else None,
@@ -65,11 +69,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", action="append", choices=sorted(TARGETS), help="a target (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print each crash's traceback and input")
     args = parser.parse_args()
     import logging
 
     logging.disable(logging.WARNING)  # spiders log every broken page; the table is the output
-    results = [run_target(name, args.cases, args.seed) for name in (args.only or sorted(TARGETS))]
+    results = [run_target(name, args.cases, args.seed, args.verbose) for name in (args.only or sorted(TARGETS))]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -89,7 +89,8 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = 0 <= begin <= end and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = (isinstance(dtype, str) and isinstance(shape, list) and 0 <= begin <= end
+                  and all(isinstance(d, int) and d >= 0 for d in shape))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

@@ -112,13 +112,25 @@ def hf_page(case: tuple[bytes, Any]) -> None:
                     _through_pipelines(rec, normalize, validate)
 
 
-def hf_record(case: tuple[dict, str | None]) -> None:
-    """One repo's info and model card through the spider's record, normalise and validate."""
+def hf_record(case: tuple[Any, str | None]) -> None:
+    """One repo's ``/api/models/<id>`` body and model card through the spider (``parse_info``,
+    ``parse_card``), normalise and validate."""
+    import json
+
+    from crawler.items import SourceRecord
+
     info, card = case
     spider, normalize, validate = _crawler_parts("huggingface")
-    if not isinstance(info, dict) or not isinstance(info.get("id"), str):
-        return  # the spider never builds a record without a string id (checked in parse/parse_info)
-    _through_pipelines(spider.record(info, card), normalize, validate)
+    repo = info.get("id") if isinstance(info, dict) and isinstance(info.get("id"), str) else "someone/model"
+    body = json.dumps(info, allow_nan=True).encode()
+    for card_req in spider.parse_info(_response(f"{HUB}/api/models/x", body), repo_id=repo):
+        if not hasattr(card_req, "cb_kwargs"):
+            continue
+        # the card arrives as bytes (a str here stands for its UTF-8 bytes, lone surrogates included)
+        raw = card.encode("utf-8", "surrogatepass") if isinstance(card, str) else b""
+        for rec in spider.parse_card(_response(card_req.url, raw), **card_req.cb_kwargs):
+            if isinstance(rec, SourceRecord):
+                _through_pipelines(rec, normalize, validate)
 
 
 def safetensors_header(data: bytes) -> None:

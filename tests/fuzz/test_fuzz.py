@@ -28,10 +28,14 @@ EXAMPLES: dict[str, list[Any]] = {
     "civitai_page": [b"[" * 100_000 + b"]" * 100_000],
     # a relative or scheme-less rel="next" link became Request("0"): ValueError: Missing scheme
     "hf_page": [(b"[]", '<0>; rel="next"'), (b"[]", '<file:///etc/passwd>; rel="next"')],
-    # __metadata__ that is not a string map: TypeError in dict()
+    # __metadata__ that is not a string map: TypeError in dict(); a dtype that is a list: unhashable
     "safetensors_header": [_safetensors({"x": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
                                          "__metadata__": True}, b"\0" * 4),
-                           _safetensors({"__metadata__": {"format": 1}})],
+                           _safetensors({"__metadata__": {"format": 1}}),
+                           _safetensors({"x": {"dtype": [[]], "shape": [], "data_offsets": [0, 4]}}, b"\0" * 4)],
+    # a JSON "\ud800" escape (a lone surrogate) crashed the content hash's UTF-8 encoding
+    "civitai_version": [{"id": 5, "modelId": 7, "name": "\ud800 fox", "files": [{"\udfff": 1}]}],
+    "hf_record": [({"id": "someone/model", "author": "\ud800"}, "---\nlicense: mit\n---\n\ud800")],
     "lora_keys": [
         # a scalar LoKr factor: IndexError in the shape formula
         {"lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": ("F16", []),
