@@ -43,6 +43,11 @@ EXAMPLES: dict[str, list[Any]] = {
          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1_b": ("F16", [4, 32]),
          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_a": ("F16", [48, 4]),
          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_b": ("F16", [])},
+        # a LoKr w1 with more dimensions than w2: AssertionError
+        {"lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1_a": ("F16", [48, 4]),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1_b": ("F16", [4, 1, 0]),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_a": ("F16", [48, 4]),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_b": ("F16", [4, 24])},
         # diffusers factors whose ranks disagree, or a 1-d factor: ValueError / IndexError
         {"unet.mid_block.attentions.0.proj_in.lora.down.weight": ("F32", [4, 48]),
          "unet.mid_block.attentions.0.proj_in.lora.up.weight": ("F32", [48, 5])},
