@@ -187,12 +187,13 @@ def test_engine_is_shared_per_url(db: Settings) -> None:
 
 
 _MIGRATE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
+from core.records import upgrade
 go = Path(sys.argv[2])
+(go.parent / f"ready-{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.01)
-from core.records import upgrade
 upgrade(sys.argv[1])
 """
 
@@ -200,7 +201,7 @@ upgrade(sys.argv[1])
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_workers_starting_together_on_a_fresh_database_take_turns_migrating(dialect: str, tmp_path) -> None:
-    """Four processes upgrade one fresh database at the same instant; every one succeeds."""
+    """Three processes upgrade one fresh database at the same instant; every one succeeds."""
     import os
     import subprocess
     import sys
@@ -223,11 +224,13 @@ def test_workers_starting_together_on_a_fresh_database_take_turns_migrating(dial
     env = {**os.environ, "PYTHONPATH": str(root)}
     try:
         procs = [subprocess.Popen([sys.executable, "-c", _MIGRATE, url, str(go)], cwd=root, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-        time.sleep(3.0)  # let every process import SQLAlchemy and Alembic first
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        deadline = time.monotonic() + 60  # every process has imported its modules and waits
+        while len(list(go.parent.glob('ready-*'))) < len(procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
         go.touch()
         outs = [p.communicate(timeout=100) for p in procs]
-        assert [p.returncode for p in procs] == [0] * 4, [err[-1500:] for _, err in outs if err]
+        assert [p.returncode for p in procs] == [0] * 3, [err[-1500:] for _, err in outs if err]
         assert current_revision(url) is not None
     finally:
         if dialect == "postgresql":

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
-    return build_tiny_zoo(tmp_path_factory.getbasetemp() / "tiny-zoo-cache")
+    return build_tiny_zoo(tmp_path_factory.getbasetemp() / "merger-tiny-zoo")  # shared with the other merger tests
 
 
 def _merge(settings: Settings, zoo: TinyZoo, weight: float) -> Path:
@@ -46,13 +46,14 @@ def test_the_cache_stays_under_its_bound_evicting_the_least_recently_used(zoo: T
 
 
 _BUILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
-go = Path(sys.argv[1])
-while not go.exists():
-    time.sleep(0.01)
 from core.settings import Settings
 from merger.merge import merged_checkpoint
+go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.01)
 built = []
 out = merged_checkpoint(Settings(data_dir=sys.argv[2]), Path(sys.argv[3]), [(Path(sys.argv[4]), 0.5)],
                         "task_arithmetic", dtype="fp16", progress=lambda done, total: built.append(done))
@@ -73,7 +74,9 @@ def test_two_processes_build_the_same_merge_once_and_orphans_are_removed(zoo: Ti
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(go), str(settings.data_dir), str(zoo.base_file),
                                str(zoo.checkpoints[1])], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(3.0)  # both imported and waiting
+    deadline = time.monotonic() + 60  # every process has imported its modules and waits
+    while len(list(go.parent.glob('ready-*'))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     go.touch()
     outs = [p.communicate(timeout=100) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
