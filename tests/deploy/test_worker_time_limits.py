@@ -24,7 +24,7 @@ from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 DIFFGRAPH = str(Path(sys.executable).parent / "diffgraph")
-REDIS_DB = f"{REDIS_URL}/12"
+REDIS_DB = f"{REDIS_URL}/10"  # a database no other test module uses
 pytestmark = pytest.mark.timeout(180)
 
 
