@@ -14,17 +14,16 @@ import pytest
 from core.records import CalibrationRun, session_scope
 from graphdb.store import store_session
 from tests.calibration.conftest import calib_env, local_expert
-from tests.conftest import REDIS_URL
 
 BROKER_DB, RESULT_DB = 11, 12  # this area's own Redis databases
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def redis_urls() -> Iterator[tuple[str, str]]:
+def redis_urls(private_redis: str) -> Iterator[tuple[str, str]]:
     import redis
 
-    broker, result = f"{REDIS_URL}/{BROKER_DB}", f"{REDIS_URL}/{RESULT_DB}"
+    broker, result = f"{private_redis}/{BROKER_DB}", f"{private_redis}/{RESULT_DB}"
     for url in (broker, result):
         try:
             redis.Redis.from_url(url, socket_connect_timeout=3).flushdb()

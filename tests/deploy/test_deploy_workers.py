@@ -1,6 +1,6 @@
 """Reliability of the generation path with real ``celery worker`` processes, Redis and PostgreSQL.
 
-One pair of prefork workers (concurrency 1) (Redis DB 13, flushed at start) serves the module; the Redis-restart test runs
+One pair of prefork workers (concurrency 1) on this session's own redis-server serves the module; the Redis-restart test runs
 its own AOF ``redis-server`` on a free port because restarting the shared Redis would hurt other users.
 The broker's visibility timeout is shortened (``DIFFGRAPH_VISIBILITY_TIMEOUT_S``) so that a killed
 worker's task is redelivered within seconds.
@@ -30,12 +30,10 @@ from core.records import GenerationJob, session_scope
 from core.settings import Settings
 from deploy.celery_app import make_app
 from graphdb.store import store_session
-from tests.conftest import REDIS_URL
 from tests.deploy.conftest import explicit_plan, register, zoo_experts
 
 ROOT = Path(__file__).resolve().parents[2]
 DIFFGRAPH = str(Path(sys.executable).parent / "diffgraph")
-REDIS_DB = f"{REDIS_URL}/13"
 VISIBILITY_TIMEOUT_S = 15
 LEASE_S = 6  # a killed worker's job is taken over this long after its last renewal
 TINY = {"steps": 1, "width": 32, "height": 32}
@@ -130,10 +128,11 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo, private_redis: str) -> Iterator[Stack]:
+    redis_db = f"{private_redis}/13"
     tmp = tmp_path_factory.mktemp("deploy-workers")
-    redis.Redis.from_url(REDIS_DB).flushdb()
-    settings = Settings(data_dir=tmp / "var", sql_url=pg_url, broker_url=REDIS_DB, result_url=REDIS_DB,
+    redis.Redis.from_url(redis_db).flushdb()
+    settings = Settings(data_dir=tmp / "var", sql_url=pg_url, broker_url=redis_db, result_url=redis_db,
                         base_models={"sd15": str(tiny_zoo.base_dir)}, device="cpu", dtype="fp32")
     experts = zoo_experts(tiny_zoo, tmp / "corrupt")
     register(settings, experts)
@@ -145,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo) -> It
         yield Stack(settings, workers.env, experts, workers, tmp)
     finally:
         workers.stop_all()
-        redis.Redis.from_url(REDIS_DB).flushdb()
+        redis.Redis.from_url(redis_db).flushdb()
 
 
 def _wait(settings: Settings, ids: list[str], timeout: float) -> dict[str, AsyncResult]:

@@ -20,11 +20,9 @@ from celery.result import AsyncResult
 from core.records import GenerationJob, session_scope
 from core.settings import Settings
 from deploy.celery_app import enforce_task_time_limits, make_app
-from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 DIFFGRAPH = str(Path(sys.executable).parent / "diffgraph")
-REDIS_DB = f"{REDIS_URL}/10"  # a database no other test module uses
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -55,15 +53,16 @@ def _wait(app, task_id: str, timeout: float = 60) -> AsyncResult:
     return res
 
 
-def test_diffgraph_worker_enforces_time_limits_and_records_killed_jobs(tmp_path: Path) -> None:
-    redis.Redis.from_url(REDIS_DB).flushdb()
+def test_diffgraph_worker_enforces_time_limits_and_records_killed_jobs(tmp_path: Path, private_redis: str) -> None:
+    redis_db = f"{private_redis}/10"
+    redis.Redis.from_url(redis_db).flushdb()
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import tests.deploy.timelimit_tasks  # noqa: F401\n")
-    settings = Settings(data_dir=tmp_path / "var", broker_url=REDIS_DB, result_url=REDIS_DB)
+    settings = Settings(data_dir=tmp_path / "var", broker_url=redis_db, result_url=redis_db)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFGRAPH_") or k.startswith("DIFFGRAPH_TEST_")}
     env.update({"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "DIFFGRAPH_DATA_DIR": str(settings.data_dir),
-                "DIFFGRAPH_BROKER_URL": REDIS_DB, "DIFFGRAPH_RESULT_URL": REDIS_DB,
+                "DIFFGRAPH_BROKER_URL": redis_db, "DIFFGRAPH_RESULT_URL": redis_db,
                 "DIFFGRAPH_CONFIG": str(tmp_path / "none.toml")})
     log = tmp_path / "worker.log"
     hostname = f"tl-{uuid.uuid4().hex[:6]}@test"
@@ -100,4 +99,4 @@ def test_diffgraph_worker_enforces_time_limits_and_records_killed_jobs(tmp_path:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
-        redis.Redis.from_url(REDIS_DB).flushdb()
+        redis.Redis.from_url(redis_db).flushdb()
