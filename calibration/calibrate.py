@@ -56,11 +56,22 @@ class CalibrationOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     transient: bool = False  # a retry may succeed (graph busy, network)
+    cause: str | None = None  # failed runs: expert | setup | transient (see CAUSES)
     run_id: int | None = None
     duration_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Why a calibration failed. Only the expert's own failures count towards giving up on it
+# (DIFFGRAPH_CALIB_MAX_ATTEMPTS); a missing base model or scorer is fixed by the operator, a busy graph
+# or a network error by time.
+CAUSE_EXPERT, CAUSE_SETUP, CAUSE_TRANSIENT = "expert", "setup", "transient"
+
+
+class SetupError(CalibrationError):
+    """The deployment cannot calibrate (no base model or scorer), whatever the expert."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +82,20 @@ class CalibrationConfig:
     size: int
     guidance: float
     batch_size: int
+    dtype: str = "fp32"  # the base images differ by dtype and device kind, so both key the image cache
+    device_kind: str = "cpu"
 
 
 def _is_transient(exc: BaseException) -> bool:
     from graphdb.store import GraphUnavailable
 
     return isinstance(exc, GraphUnavailable | ConnectionError | TimeoutError)
+
+
+def _cause(exc: BaseException) -> str:
+    if _is_transient(exc):
+        return CAUSE_TRANSIENT
+    return CAUSE_SETUP if isinstance(exc, SetupError) else CAUSE_EXPERT
 
 
 def _squash(metric: str, gain: float) -> float:
@@ -108,8 +127,56 @@ def _finish_run(settings: Settings, run_id: int, outcome: CalibrationOutcome) ->
         run.n_images = outcome.n_images
         run.metrics = outcome.metrics or None
         run.error = outcome.error
+        run.cause = outcome.cause if outcome.status == "failed" else None
         run.finished_at = utcnow()
         run.duration_s = outcome.duration_s
+
+
+def fail_running_runs(settings: Settings, task_id: str, error: str) -> int:
+    """Mark task ``task_id``'s runs that are still ``running`` as failed (its process was killed)."""
+    from sqlalchemy import update
+
+    from core.records import CalibrationRun, session_scope
+
+    with session_scope(settings) as s:
+        res = s.execute(update(CalibrationRun)
+                        .where(CalibrationRun.task_id == task_id, CalibrationRun.status == "running")
+                        .values(status="failed", error=error, cause=CAUSE_EXPERT, finished_at=utcnow()))
+        return int(res.rowcount or 0)
+
+
+def given_up(settings: Settings, ref_version: str) -> dict[str, dict[str, Any]]:
+    """Experts that failed on their own ``calib_max_attempts`` times for reference set ``ref_version``:
+    ``{expert_id: {"failures", "last_error"}}``. Sweeps and ``--pending`` no longer queue them."""
+    from sqlalchemy import func, select
+
+    from core.records import CalibrationRun, session_scope
+
+    with session_scope(settings) as s:
+        counted = s.execute(
+            select(CalibrationRun.expert_id, func.count(), func.max(CalibrationRun.id))
+            .where(CalibrationRun.status == "failed", CalibrationRun.cause == CAUSE_EXPERT,
+                   CalibrationRun.ref_set_version == ref_version)
+            .group_by(CalibrationRun.expert_id)
+            .having(func.count() >= settings.calib_max_attempts)
+        ).all()
+        if not counted:
+            return {}
+        errors = dict(s.execute(select(CalibrationRun.id, CalibrationRun.error)
+                                .where(CalibrationRun.id.in_([last for _, _, last in counted]))).all())
+    return {eid: {"failures": int(n), "last_error": errors.get(last)} for eid, n, last in counted}
+
+
+def pending_experts(settings: Settings, limit: int) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Experts to calibrate for the current reference set (at most ``limit``), and those given up on."""
+    from calibration.refset import load_reference_set
+    from graphdb.store import ExpertFilter, store_session
+
+    version = load_reference_set().version
+    skipped = given_up(settings, version)
+    with store_session(settings) as store:
+        found = [e.id for e in store.find_experts(ExpertFilter(uncalibrated_for=version), limit=limit + len(skipped))]
+    return [eid for eid in found if eid not in skipped][:limit], {k: v for k, v in skipped.items() if k in found}
 
 
 # -- base image cache ------------------------------------------------------------------------------------
@@ -124,7 +191,8 @@ def _fingerprint(path: Path) -> str:
 
 
 def _cache_key(base_fp: str, prompt: str, seed: int, cfg: CalibrationConfig, batch: Sequence[str]) -> str:
-    payload = json.dumps([base_fp, prompt, seed, cfg.steps, cfg.size, cfg.guidance, list(batch)])
+    payload = json.dumps([base_fp, prompt, seed, cfg.steps, cfg.size, cfg.guidance, list(batch), cfg.dtype,
+                          cfg.device_kind])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -284,6 +352,7 @@ def calibrate_experts(
     cfg = CalibrationConfig(
         prompts=tuple(refset.subset(n)), seeds=tuple(range(max(1, n_seeds or settings.calib_seeds))),
         steps=settings.calib_steps, size=settings.calib_size, guidance=settings.gen_guidance, batch_size=batch_size,
+        dtype=settings.resolved_dtype(), device_kind=settings.resolved_device().split(":")[0],
     )
     all_scorers = available_scorers(settings)
     scorers: dict[str, Scorer] = {k: v for k, v in all_scorers.items() if not isinstance(v, Unavailable)}
@@ -299,7 +368,8 @@ def calibrate_experts(
             try:
                 experts[eid] = store.get_expert(eid)
             except DiffGraphError as exc:
-                outcomes[eid] = CalibrationOutcome(eid, "failed", error=str(exc), transient=_is_transient(exc))
+                outcomes[eid] = CalibrationOutcome(eid, "failed", error=str(exc), transient=_is_transient(exc),
+                                                   cause=_cause(exc))
 
     t0 = time.perf_counter()
     runs = {eid: _start_run(settings, eid, task_id, refset.version, scorer_ver, len(cfg.prompts))
@@ -315,12 +385,12 @@ def calibrate_experts(
     def fail(eid: str, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, DiffGraphError) else f"{type(exc).__name__}: {exc}"
         finish(CalibrationOutcome(eid, "failed", n_prompts=len(cfg.prompts), error=msg[:4000],
-                                  transient=_is_transient(exc)))
+                                  transient=_is_transient(exc), cause=_cause(exc)))
 
     for out in list(outcomes.values()):  # unknown experts found above
         finish(out)
     if not scorers:  # a deployment problem, but recorded per expert like any other failure
-        no_scorer = CalibrationError("no scorer available: " + "; ".join(f"{k}: {r}" for k, r in unavailable.items()))
+        no_scorer = SetupError("no scorer available: " + "; ".join(f"{k}: {r}" for k, r in unavailable.items()))
         for eid in experts:
             fail(eid, no_scorer)
         return [outcomes[eid] for eid in dict.fromkeys(expert_ids)]
@@ -342,16 +412,18 @@ def calibrate_experts(
         base = settings.base_models.get(family, "")
         try:
             if not base:
-                raise CalibrationError(f"no base model configured for family {family!r} (set base_models)")
+                raise SetupError(f"no base model configured for family {family!r} (set base_models)")
             if not Path(base).exists():
-                raise CalibrationError(f"base model for {family!r} not found at {base}")
+                raise SetupError(f"base model for {family!r} not found at {base}")
             base_plan = MergePlan(prompt="", base_family=family, base_model=base, method="explicit")
             sampler = sampler or _Sampler(settings, cfg, progress)
             base_images = sampler.images(f"base {family}", base_plan, base_fp=_fingerprint(Path(base)))
             base_scores = _score_all(scorers, base_images, prompts_by_id)
-        except Exception as exc:
+        except Exception as exc:  # the base itself failed: no expert of the family is to blame
+            setup = exc if isinstance(exc, SetupError) or _is_transient(exc) else SetupError(
+                f"base images for {family!r} failed: {type(exc).__name__}: {exc}")
             for expert in group:
-                fail(expert.id, exc)
+                fail(expert.id, setup)
             continue
         for expert in group:
             try:

@@ -11,13 +11,15 @@ from core.settings import get_settings
 
 
 def _pending_ids(settings: Any, limit: int) -> list[str]:
-    from calibration.refset import load_reference_set
-    from graphdb.backends import store_session
-    from graphdb.store import ExpertFilter
+    """Uncalibrated experts, less those given up after repeated failures (named on stderr)."""
+    from calibration.calibrate import pending_experts
 
-    version = load_reference_set().version
-    with store_session(settings) as store:
-        return [e.id for e in store.find_experts(ExpertFilter(uncalibrated_for=version), limit=limit)]
+    ids, skipped = pending_experts(settings, limit)
+    for eid, info in sorted(skipped.items()):
+        last = (info["last_error"] or "").splitlines()[0][:160] if info["last_error"] else "-"
+        console.print(f"given up: {eid} failed {info['failures']} times (last: {last}); "
+                      f"run `diffgraph calibrate --expert {eid}` to try again", highlight=False, soft_wrap=True)
+    return ids
 
 
 def _table(outcomes: list[Any]) -> Any:

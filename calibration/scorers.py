@@ -346,4 +346,7 @@ def available_scorers(settings: Settings) -> dict[str, Scorer | Unavailable]:
             out[name] = loader(settings)
         except ScorerError as exc:
             out[name] = Unavailable(name, str(exc))
+        except Exception as exc:  # a broken optional package (ImportError included) costs one scorer, not the run
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            out[name] = Unavailable(name, f"failed to load: {type(exc).__name__}: {first}".rstrip(": "))
     return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import shared_task
+from billiard.exceptions import TimeLimitExceeded
+from celery import Task, shared_task
 
 from core.queue import CALIBRATE_EXPERT, SWEEP_UNCALIBRATED
 from core.retry import Transient, retry_or_raise
@@ -32,7 +33,17 @@ RETRY_BASE_S = 10.0
 RETRY_CAP_S = 600.0
 
 
-@shared_task(name=CALIBRATE_EXPERT, bind=True, acks_late=True, max_retries=3,
+class CalibrateTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A hard time limit kills the pool process mid-run: Celery calls this in the worker's main process,
+        which closes the task's still-running run rows as failed."""
+        if isinstance(exc, TimeLimitExceeded):
+            from calibration.calibrate import fail_running_runs
+
+            fail_running_runs(get_settings(), task_id, f"time limit exceeded ({exc})")
+
+
+@shared_task(name=CALIBRATE_EXPERT, bind=True, acks_late=True, max_retries=3, base=CalibrateTask,
              soft_time_limit=SOFT_TIME_LIMIT_S, time_limit=TIME_LIMIT_S)
 def calibrate_expert(self: Any, expert_id: str, n_prompts: int | None = None,
                      n_seeds: int | None = None) -> dict[str, Any]:
@@ -59,17 +70,22 @@ def sweep_uncalibrated(self: Any, limit: int = 1000) -> dict[str, Any]:
 
 
 def sweep(settings: Any, limit: int = 1000) -> dict[str, Any]:
-    """The sweep itself: ``{"ref_set_version", "found", "enqueued", "task_ids", "calibrated"}``."""
+    """The sweep itself: ``{"ref_set_version", "found", "enqueued", "task_ids", "calibrated", "given_up"}``.
+
+    ``given_up`` lists the uncalibrated experts no longer queued because they failed on their own
+    ``DIFFGRAPH_CALIB_MAX_ATTEMPTS`` times: ``[{"expert_id", "failures", "last_error"}]``."""
+    from calibration.calibrate import pending_experts
     from calibration.refset import load_reference_set
     from core.queue import send
-    from graphdb.backends import store_session
-    from graphdb.store import ExpertFilter
 
     version = load_reference_set().version
-    with store_session(settings) as store:
-        ids = [e.id for e in store.find_experts(ExpertFilter(uncalibrated_for=version), limit=limit)]
+    ids, skipped = pending_experts(settings, limit)
     result: dict[str, Any] = {"ref_set_version": version, "found": len(ids), "enqueued": 0, "task_ids": [],
-                              "calibrated": []}
+                              "calibrated": [],
+                              "given_up": [{"expert_id": eid, **info} for eid, info in sorted(skipped.items())]}
+    if skipped:
+        log.warning("calibration sweep: %d expert(s) given up after repeated failures of their own: %s",
+                    len(skipped), ", ".join(sorted(skipped)))
     if not ids:
         return result
     if settings.celery_enabled:

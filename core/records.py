@@ -115,6 +115,9 @@ class CalibrationRun(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # why a failed run failed: expert (its own weights/files; counts towards giving up), setup (no base,
+    # no scorer) or transient (graph busy, network)
+    cause: Mapped[str | None] = mapped_column(String(16))
 
 
 class GenerationJob(Base):
@@ -136,6 +139,9 @@ class GenerationJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the runner holding the job (``<worker>#<token>``) and until when; see ``deploy.lease``
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class PlannerModel(Base):
@@ -193,11 +199,44 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+MIGRATION_LOCK_KEY = 0x64696666  # "diff": the PostgreSQL advisory lock the migrations take turns on
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Held while migrating ``url``, so workers starting together on a fresh database take turns instead
+    of racing to create the same tables: a PostgreSQL advisory lock, a lock file next to a SQLite file."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if not path or path == ":memory:":
+            yield
+            return
+        from filelock import FileLock
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.migrate.lock"):
+            yield
+        return
+    engine = make_engine(url)
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+            conn.commit()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (``diffgraph db upgrade``)."""
+    """Apply migrations up to ``revision`` (``diffgraph db upgrade``), one process at a time."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def current_revision(url: str) -> str | None:

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     gen_size: int = 512
     gen_guidance: float = 7.0
 
+    # workers: a generation job's claim lasts this long unless its runner renews it (every quarter of it);
+    # a second delivery of the job waits and takes over only once the lease has expired
+    generation_lease_s: float = Field(default=60.0, gt=0)
+    # calibration: after this many failures of the expert's own, sweeps stop queueing it
+    calib_max_attempts: int = Field(default=3, ge=1)
+    # merge cache (<data_dir>/cache/merges): least recently used merges are evicted beyond this size
+    merge_cache_bytes: int = Field(default=20 * 1024**3, ge=0)
+
     @field_validator("data_dir", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:

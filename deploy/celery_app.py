@@ -17,9 +17,16 @@ Delivery guarantees (what makes "no task is lost, no task is recorded twice" hol
   ``DIFFGRAPH_VISIBILITY_TIMEOUT_S`` (tests use a few seconds to observe the redelivery of a killed
   worker's task). ``unacked_restore_interval``/``unacked_restore_throttle`` decide how often workers
   sweep for such messages.
-* ``worker_cancel_long_running_tasks_on_connection_loss=True``: when the broker connection drops, a
-  running late-ack task's message will be redelivered anyway, so the worker cancels the task instead of
-  letting two copies run.
+* ``worker_cancel_long_running_tasks_on_connection_loss=False``: when the broker connection drops, a
+  running late-ack task's message may be redelivered while it still runs. Generation jobs hold a lease
+  (``deploy.lease``): the second delivery waits for the first and returns its result, so the running
+  task is kept rather than cancelled (calibration runs are idempotent keyed writes and only repeat work).
+* Time limits: workers run the prefork pool (``diffgraph worker`` always does), the only pool in which
+  Celery enforces ``time_limit``/``soft_time_limit`` (solo and threads ignore them). Prefork arms only
+  the soft timer when a task has one, and the app-wide soft limit counts as one, so a task whose own hard
+  limit is shorter would run until the app-wide soft limit; ``enforce_task_time_limits`` gives such tasks
+  a soft limit just below their hard limit when the worker starts. A hard kill calls the task's
+  ``on_failure`` in the worker's main process, where generation and calibration record the failure.
 * Publishing retries (``task_publish_retry``) and unlimited broker reconnects
   (``broker_connection_max_retries=None``) ride out a broker restart on both sides.
 * **The broker itself must be persistent.** Queued and unacknowledged messages live in Redis keys; a
@@ -38,7 +45,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from core.queue import INGEST, RETRAIN_PLANNER, SWEEP_UNCALIBRATED, TASK_QUEUES
@@ -80,6 +87,41 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def soft_limit_for(hard_s: float) -> float:
+    """The soft limit given to a task whose hard limit is below the app-wide soft limit: a little earlier
+    than the hard kill, so the task's own failure handling (records, cleanup) can run."""
+    return max(hard_s * 0.8, hard_s - 30.0)
+
+
+def enforce_task_time_limits(app: Celery) -> list[str]:
+    """Give every task whose ``time_limit`` is below the app-wide soft limit a soft limit under it (see the
+    module docstring); returns the names of the tasks changed."""
+    app_soft = app.conf.task_soft_time_limit
+    changed = []
+    for name, task in app.tasks.items():
+        hard = getattr(task, "time_limit", None)
+        soft = getattr(task, "soft_time_limit", None)
+        if not hard or (soft is None and (app_soft is None or app_soft < hard)) or (soft is not None and soft < hard):
+            continue
+        task.soft_time_limit = soft_limit_for(hard)
+        changed.append(name)
+    return changed
+
+
+# this process's worker node name (``name@host``), set when a worker starts; tasks' ``on_failure`` hooks run
+# in the worker's main process, where the task's own request (and its hostname) is not available
+worker_node: dict[str, str] = {}
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        enforce_task_time_limits(app)
+    if getattr(sender, "hostname", None):
+        worker_node["hostname"] = sender.hostname
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     broker = settings.broker_url or "memory://"
@@ -96,7 +138,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # leases make a second delivery wait
         task_track_started=True,
         task_soft_time_limit=SOFT_TIME_LIMIT_S,
         task_time_limit=HARD_TIME_LIMIT_S,

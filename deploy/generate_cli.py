@@ -179,7 +179,8 @@ def register(app: typer.Typer) -> None:
     def worker(
         queues: str = typer.Option("ingest,calibrate,generate", "--queues", "-Q", help="Comma-separated queues."),
         concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1),
-        pool: str = typer.Option("prefork", "--pool", "-P", help="prefork|solo|threads"),
+        pool: str | None = typer.Option(None, "--pool", "-P", hidden=True,
+                                        help="Deprecated and ignored: workers always run the prefork pool."),
         loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
         hostname: str | None = typer.Option(None, "--hostname", "-n"),
     ) -> None:
@@ -193,11 +194,16 @@ def register(app: typer.Typer) -> None:
         unknown = sorted(set(names) - set(QUEUES))
         if not names or unknown:
             fail(f"unknown queue(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(QUEUES)}")
-        if pool not in POOLS:
+        if pool is not None and pool not in POOLS:
             fail(f"unknown pool {pool!r}; one of {', '.join(POOLS)}")
+        if pool is not None and pool != "prefork":
+            # solo/threads ignore task time limits; a GPU worker runs one task at a time with -c 1.
+            console.print(f"--pool {pool} is deprecated and ignored: workers run the prefork pool, which "
+                          "enforces time limits (use --concurrency 1 for one task at a time)",
+                          style="yellow", highlight=False)
         from deploy.celery_app import app as celery_app
 
-        argv = ["worker", "-Q", ",".join(names), "-P", pool, "-l", loglevel]
+        argv = ["worker", "-Q", ",".join(names), "-P", "prefork", "-l", loglevel]
         if concurrency:
             argv += ["-c", str(concurrency)]
         if hostname:

@@ -26,6 +26,7 @@ from core.types import (
     ValidationFailed,
     utcnow,
 )
+from deploy.lease import Heartbeat, LeaseLost, claim_or_wait, guarded_update, new_owner
 from deploy.storage import get_storage
 
 log = logging.getLogger(__name__)
@@ -145,59 +146,42 @@ def finished_result(settings: Settings, job_id: str) -> dict[str, Any] | None:
     return None
 
 
-def _claim(settings: Settings, job_id: str, prompt: str, params: dict[str, Any], worker: str | None) -> None:
-    """Create the job's row, or reset the existing one (a redelivery) to STARTED; never a second row."""
-    from sqlalchemy.exc import IntegrityError
+def _mark_failed(settings: Settings, job_id: str, owner: str, error: str, timings: dict[str, float]) -> bool:
+    """Mark the row FAILURE (and give the lease up) if ``owner`` still holds it."""
+    from deploy.lease import LeaseLost, guarded_update
 
-    from core.records import GenerationJob, session_scope
-
-    for _ in range(3):
-        try:
-            with session_scope(settings) as s:
-                row = s.get(GenerationJob, job_id)
-                if row is None:
-                    row = GenerationJob(id=job_id, attempts=0)
-                    s.add(row)
-                row.prompt = prompt
-                row.params = params
-                row.status = GenerationStatus.started.value
-                row.stage = "queued"
-                row.error = None
-                row.finished_at = None
-                row.attempts = (row.attempts or 0) + 1
-                row.worker = worker
-            return
-        except IntegrityError:  # another delivery of the same job inserted it first: update instead
-            continue
-    raise DiffGraphError(f"cannot claim generation record {job_id}")
-
-
-def _update(settings: Settings, job_id: str, *, keep_success: bool = False, **fields: Any) -> None:
-    from core.records import GenerationJob, session_scope
-
-    with session_scope(settings) as s:
-        row = s.get(GenerationJob, job_id)
-        if row is None:
-            raise NotFoundError(f"generation record {job_id} vanished")
-        if keep_success and row.status == GenerationStatus.success.value:
-            return  # a concurrent delivery of the same job already finished it
-        for key, value in fields.items():
-            setattr(row, key, value)
-
-
-def _mark_failed(settings: Settings, job_id: str, error: str, timings: dict[str, float]) -> bool:
-    """Mark the row FAILURE unless a concurrent delivery of the same job already succeeded."""
-    from core.records import GenerationJob, session_scope
-
-    with session_scope(settings) as s:
-        row = s.get(GenerationJob, job_id, with_for_update=True)
-        if row is None or row.status == GenerationStatus.success.value:
-            return False
-        row.status = GenerationStatus.failure.value
-        row.error = error
-        row.timings = timings
-        row.finished_at = utcnow()
+    try:
+        guarded_update(settings, job_id, owner, release=True, status=GenerationStatus.failure.value, error=error,
+                       timings=timings, finished_at=utcnow())
+    except LeaseLost:
+        return False
     return True
+
+
+def record_killed(settings: Settings, job_id: str, worker: str | None, error: str) -> bool:
+    """Record job ``job_id`` as failed after the process running it on ``worker`` was killed (hard time
+    limit): nobody else will. A job held by another worker's runner, or finished, is left alone."""
+    from sqlalchemy import or_, update
+
+    from core.records import GenerationJob, session_scope
+
+    try:
+        with session_scope(settings) as s:
+            res = s.execute(
+                update(GenerationJob)
+                .where(GenerationJob.id == job_id, GenerationJob.status == GenerationStatus.started.value,
+                       or_(GenerationJob.lease_owner.is_(None),
+                           GenerationJob.lease_owner.startswith(f"{worker or 'local'}#", autoescape=True)))
+                .values(status=GenerationStatus.failure.value, error=error[:MAX_ERROR_CHARS], finished_at=utcnow(),
+                        lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False))
+            marked = res.rowcount == 1
+        if marked:
+            get_storage(settings).delete_job(job_id)
+        return marked
+    except Exception:
+        log.exception("cannot mark killed generation %s as failed", job_id)
+        return False
 
 
 def _since(t0: float) -> float:
@@ -301,15 +285,30 @@ def run_generation(
         return done
     known = _check_explicit_plan(settings, opts.plan) if opts.plan is not None else {}
     params = opts.resolved(settings)
-    _claim(settings, job_id, prompt, params, worker)
+    owner = new_owner(worker)
+    lease_s = settings.generation_lease_s
+    if not claim_or_wait(settings, job_id, owner, prompt=prompt, params=params, worker=worker, lease_s=lease_s):
+        log.info("generation %s was finished by another runner; returning its result", job_id)
+        done = finished_result(settings, job_id)
+        assert done is not None
+        return done
+    with Heartbeat(settings, job_id, owner, lease_s) as lease:
+        return _run_claimed(settings, job_id, owner, lease, prompt, opts, params, known, progress, worker, started)
 
+
+def _run_claimed(settings: Settings, job_id: str, owner: str, lease: Heartbeat, prompt: str, opts: GenerateOptions,
+                 params: dict[str, Any], known: dict[str, Expert], progress: Progress | None, worker: str | None,
+                 started: float) -> dict[str, Any]:
+    """The job's work once ``owner`` holds its lease: every write checks the lease first."""
+    storage = get_storage(settings)
     timings: dict[str, float] = {}
     current = {"stage": ""}
 
     def report(stage: str, step: int, total: int) -> None:
+        lease.check()
         if stage != current["stage"]:
             current["stage"] = stage
-            _update(settings, job_id, stage=stage, keep_success=True)
+            guarded_update(settings, job_id, owner, stage=stage)
         if progress is not None:
             progress(stage, step, total)
 
@@ -323,7 +322,7 @@ def run_generation(
         report("resolve", 0, max(1, len(plan.experts)))
         _resolve_weights(settings, plan, known)
         timings["resolve"] = _since(t0)
-        _update(settings, job_id, plan=plan.model_dump(mode="json"), keep_success=True)
+        guarded_update(settings, job_id, owner, plan=plan.model_dump(mode="json"))
 
         result = _generator(settings).generate(
             plan,
@@ -340,7 +339,7 @@ def run_generation(
         timings.update({k: round(float(v), 4) for k, v in result.timings.items()})
 
         t0 = time.perf_counter()
-        report("save", 0, len(result.images))
+        report("save", 0, len(result.images))  # checks the lease: a runner that lost it writes no image
         paths = [storage.save_image(job_id, i, img) for i, img in enumerate(result.images)]
         timings["save"] = _since(t0)
 
@@ -350,9 +349,12 @@ def run_generation(
         timings["record"] = _since(t0)
         timings["total"] = _since(started)
 
-        _update(
+        lease.check()
+        guarded_update(
             settings,
             job_id,
+            owner,
+            release=True,
             status=GenerationStatus.success.value,
             stage="done",
             plan=plan.model_dump(mode="json"),
@@ -362,10 +364,13 @@ def run_generation(
             worker=worker,
             finished_at=utcnow(),
         )
+    except LeaseLost:
+        log.warning("generation %s: lease lost to another runner; stopping without further writes", job_id)
+        raise
     except Exception as exc:
         log.warning("generation %s failed: %s", job_id, _error_text(exc))
         try:
-            if _mark_failed(settings, job_id, _error_text(exc), timings):
+            if _mark_failed(settings, job_id, owner, _error_text(exc), timings):
                 storage.delete_job(job_id)  # no half-written image set survives a failure
         except Exception:  # the original error matters more than a failed bookkeeping write
             log.exception("cannot mark generation %s as failed", job_id)

@@ -11,7 +11,9 @@ The merge formulas (per tensor, θ_b the base, θ_i expert i with weight w_i, τ
   the base), else Σ (w_i / Σw) θ_i (a model soup).
 * ``task_arithmetic``: θ = θ_b + Σ w_i τ_i.
 * ``ties``: trim each τ_i to its top-``density`` fraction by magnitude (τ̂_i), elect the sign
-  γ = sgn(Σ w_i τ̂_i), then θ = θ_b + Σ_i w_i τ̂_i [sgn τ̂_i = γ] / #{i : sgn τ̂_i = γ, τ̂_i ≠ 0}.
+  γ = sgn(Σ w_i τ̂_i), then θ = θ_b + Σ_i w_i τ̂_i [sgn τ̂_i = γ] / Σ_i w_i [sgn τ̂_i = γ, τ̂_i ≠ 0]: the
+  disjoint mean weighted as in mergekit's ``ties`` (normalize=True) and sd-mecha's ``ties_sum``, so experts
+  whose weights sum to 1 are not scaled down by 1/n.
 * ``dare``: drop each τ_i element with probability p = 1 − ``density`` (seeded per expert and tensor name),
   rescale the survivors by 1/(1 − p), then add as in task arithmetic.
 """
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.checkpoint import ModelSource, TensorRef, align, ldm_names_for, open_source
 from merger.errors import MergeError
+from merger.merge_cache import MergeCache
 from merger.merge_loras import TensorHook, lora_fusion_hook
 from merger.merge_writer import (
     DTYPE_NAMES,
@@ -104,8 +107,12 @@ def ties(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], 
     stacked = torch.stack(trimmed)
     elected = torch.sign(stacked.sum(dim=0))
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return base + (stacked * agree).sum(dim=0) / count
+    # Divide by the summed weight of the agreeing experts, not their count (mergekit, sd-mecha); where no
+    # expert agrees (or weights cancel) the delta is 0, so divide by 1 there as mergekit does.
+    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    divisor = (w * agree).sum(dim=0)
+    divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    return base + (stacked * agree).sum(dim=0) / divisor
 
 
 def dare_keep_mask(seed: int, index: int, key: str, shape: tuple[int, ...], density: float) -> torch.Tensor:
@@ -418,7 +425,8 @@ def merge_key(base_digest: str, experts: list[tuple[str, float]], method: str, d
     """The cache key of a checkpoint merge. Density only matters to ties/dare and the seed only to dare,
     so other methods share entries across those settings."""
     recipe = {
-        "v": 1, "base": base_digest, "experts": [[d, float(w)] for d, w in experts], "method": method,
+        # v2: ties divides by the agreeing experts' summed weight (v1 merges used their count).
+        "v": 2 if method == "ties" else 1, "base": base_digest, "experts": [[d, float(w)] for d, w in experts], "method": method,
         "dtype": dtype, "density": float(density) if method in ("ties", "dare") else None,
         "seed": int(seed) if method == "dare" else None,
     }
@@ -431,7 +439,8 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     """The merged checkpoint as one original-layout ``.safetensors``, built once and then reused.
 
     Stored at ``<data_dir>/cache/merges/<hash>.safetensors`` where the hash covers the inputs' SHA-256s,
-    the weights, method, dtype, and (where they matter) density and seed. ``dtype`` defaults to the
+    the weights, method, dtype, and (where they matter) density and seed; the cache is bounded by
+    ``merge_cache_bytes`` and shared safely between processes (``merger.merge_cache``). ``dtype`` defaults to the
     settings' resolved dtype. A diffusers-dir base yields an original-layout file, which
     ``from_single_file(path, config=<base dir>)`` loads.
     """
@@ -443,12 +452,11 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     base_digest = source_digest(Path(base), hashes)
     expert_digests = [(source_digest(Path(p), hashes), w) for p, w in experts]
     key = merge_key(base_digest, expert_digests, method, dtype, density, seed)
-    out = Path(settings.data_dir) / "cache" / "merges" / f"{key}.safetensors"
-    if out.is_file():
-        return out
     provenance = {"base_sha256": base_digest, "expert_sha256": [d for d, _ in expert_digests], "cache_key": key}
-    return merge_checkpoints(Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed,
-                             progress, allow_pickle=settings.allow_pickle, provenance=provenance)
+    cache = MergeCache(Path(settings.data_dir) / "cache" / "merges", settings.merge_cache_bytes)
+    return cache.get_or_build(key, lambda out: merge_checkpoints(
+        Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed, progress,
+        allow_pickle=settings.allow_pickle, provenance=provenance))
 
 
 def _swap_in(base: Path, experts: list[tuple[Path, float]], method: str, allow_pickle: bool) -> Path | None:

@@ -83,11 +83,14 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     if not isinstance(header, dict):
         raise CorruptWeights(f"{path.name}: malformed safetensors header (not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptWeights(f"{path.name}: malformed safetensors header (__metadata__ must map strings to strings)")
     data_bytes = size - 8 - n
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = 0 <= begin <= end and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = (isinstance(dtype, str) and isinstance(shape, list) and 0 <= begin <= end
+                  and all(isinstance(d, int) and d >= 0 for d in shape))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

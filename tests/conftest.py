@@ -64,3 +64,37 @@ def embedder():
     from core.embeddings import get_embedder
 
     return get_embedder(Settings())
+
+
+@pytest.fixture(scope="session")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://127.0.0.1:<port>`` of a redis-server of this session's own: tests with real workers use
+    it, so that test runs sharing one machine (and its Redis) never consume each other's tasks."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                             "--save", "", "--appendonly", "no"], stdout=(workdir / "redis.log").open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            if client.ping():
+                break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield url
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

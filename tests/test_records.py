@@ -3,6 +3,7 @@ unique constraints hold (complements ``tests/core/test_records.py``)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -183,3 +184,59 @@ def test_unique_constraints(db: Settings, make) -> None:
 
 def test_engine_is_shared_per_url(db: Settings) -> None:
     assert make_engine(db.effective_sql_url) is make_engine(db.effective_sql_url)
+
+
+_MIGRATE = """
+import os, sys, time
+from pathlib import Path
+from core.records import upgrade
+go = Path(sys.argv[2])
+(go.parent / f"ready-{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.01)
+upgrade(sys.argv[1])
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_workers_starting_together_on_a_fresh_database_take_turns_migrating(dialect: str, tmp_path) -> None:
+    """Three processes upgrade one fresh database at the same instant; every one succeeds."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"diffgraph_mig_{uuid.uuid4().hex[:10]}"
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    else:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", _MIGRATE, url, str(go)], cwd=root, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        deadline = time.monotonic() + 60  # every process has imported its modules and waits
+        while len(list(go.parent.glob('ready-*'))) < len(procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        outs = [p.communicate(timeout=100) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 3, [err[-1500:] for _, err in outs if err]
+        assert current_revision(url) is not None
+    finally:
+        if dialect == "postgresql":
+            from core.records import _engines
+
+            for key in [k for k in _engines if name in k]:
+                _engines.pop(key).dispose()
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

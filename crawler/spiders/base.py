@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -29,6 +30,20 @@ from crawler.state import known_hashes, listing_key, resume_point, retry_ids
 from crawler.stats import LISTING, RESUME, RETRIED, STOPPED, note_failure, note_retry
 
 log = logging.getLogger(__name__)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (and keys) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
 JSON_RETRIES = 2  # a truncated/garbled page is fetched again this many times before it counts as failed
 
 
@@ -186,8 +201,12 @@ class SourceSpider(scrapy.Spider):
         """``(data, None)`` or, for an unparseable body, ``(None, retry request or None)``; a page that
         stays broken is counted as ``failed/broken_page`` and never raises."""
         try:
-            return json.loads(response.text), None
-        except (ValueError, AttributeError) as exc:
+            text = response.text
+            data = json.loads(text)
+            # JSON may escape lone UTF-16 surrogates ("\ud800"), which no UTF-8 writer (hashes, SQL,
+            # graph) accepts: replace them here, once, for everything downstream.
+            return (_replace_lone_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data), None
+        except (ValueError, AttributeError, RecursionError) as exc:  # RecursionError: nested too deep
             tries = int(response.meta.get("json_retries", 0))
             if tries < JSON_RETRIES:
                 log.warning("unparseable JSON from %s (%s); fetching it again", response.url, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from scrapy.http import Request, Response
 from scrapy.spidermiddlewares.httperror import HttpError
@@ -21,13 +21,17 @@ _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
 
 
-def next_link(header: str | bytes | None) -> str | None:
-    """The ``rel="next"`` URL of an RFC 8288 ``Link`` header."""
+def next_link(header: str | bytes | None, base: str = "") -> str | None:
+    """The ``rel="next"`` URL of an RFC 8288 ``Link`` header, resolved against ``base``; only an
+    http(s) URL (the header comes from the network)."""
     if not header:
         return None
     text = header.decode("latin-1") if isinstance(header, bytes) else header
     match = _LINK_NEXT.search(text)
-    return match.group(1) if match else None
+    if not match:
+        return None
+    url = urljoin(base, match.group(1).strip()) if base else match.group(1).strip()
+    return url if urlsplit(url).scheme in ("http", "https") and urlsplit(url).netloc else None
 
 
 class HuggingFaceSpider(SourceSpider):
@@ -94,7 +98,7 @@ class HuggingFaceSpider(SourceSpider):
                 self.count("skipped", "unchanged")
             elif self.take():
                 yield self.item_request(repo_id)
-        yield from self.after_page(response.url, seen, unchanged, old, next_link(response.headers.get(b"Link")))
+        yield from self.after_page(response.url, seen, unchanged, old, next_link(response.headers.get(b"Link"), response.url))
 
     def parse_info(self, response: Response, repo_id: str) -> Iterator[Any]:
         data, retry = self.load_json(response)

@@ -101,6 +101,12 @@ CREATE_VECTOR_INDEX_PROCEDURE_QUERY = (
     "CALL db.index.vector.createNodeIndex($index_name, 'Expert', 'embedding', $dimensions, 'cosine')"
 )
 SHOW_INDEX_QUERY = "SHOW INDEXES YIELD name, state WHERE name = $index_name RETURN name, state"
+# The vector index with its options (``options.indexConfig['vector.dimensions']`` is its size).
+SHOW_VECTOR_INDEX_QUERY = (
+    "SHOW INDEXES YIELD name, state, options WHERE name = $index_name RETURN name, state, options"
+)
+# An index of the wrong size is dropped and created again at the stored embeddings' size.
+DROP_VECTOR_INDEX_QUERY = f"DROP INDEX {VECTOR_INDEX_NAME} IF EXISTS"
 AWAIT_INDEXES_QUERY = "CALL db.awaitIndexes($timeout_s)"
 SERVER_VERSION_QUERY = "CALL dbms.components() YIELD name, versions, edition RETURN name, versions, edition"
 

@@ -13,6 +13,7 @@ Semantics match the embedded backend (``graphdb/embedded/store.py``); the contra
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ import numpy as np
 from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt, utcnow
 from graphdb import rules
 from graphdb.errors import GraphBusy, GraphError, GraphUnavailable
+from graphdb.neo4j import drivers
 from graphdb.neo4j import queries as q
 from graphdb.rules import (  # noqa: F401 - classify, record_hash... keep their old import path here
     check_vector,
@@ -46,6 +48,7 @@ from graphdb.subgraph import Subgraph, SubgraphNode
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
 SCHEMES = ("neo4j", "neo4j+s", "neo4j+ssc", "bolt", "bolt+s", "bolt+ssc")
 BATCH_ROWS = 1000  # rows per UNWIND statement
 MAX_VECTOR_FETCH = 10_000  # largest vector-index pool before candidates() switches to exact search
@@ -183,6 +186,13 @@ def vector_index_mode(version: tuple[int, ...]) -> str:
     return "none"
 
 
+def vector_index_dim(options: Any) -> int | None:
+    """``vector.dimensions`` from a ``SHOW INDEXES`` options map, if present."""
+    config = (options or {}).get("indexConfig") or {} if isinstance(options, dict) else {}
+    value = config.get("vector.dimensions")
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _batched(rows: Sequence[T], size: int = BATCH_ROWS) -> Iterator[Sequence[T]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
@@ -221,40 +231,38 @@ class Neo4jGraphStore:
         password: str = "",
         database: str = "neo4j",
         *,
-        embedding_dim: int = q.DEFAULT_EMBEDDING_DIM,
+        embedding_dim: int | None = None,
         connection_timeout_s: float = 10.0,
     ) -> None:
-        import neo4j
         from neo4j import exceptions as nex
 
         self.uri = uri
         self.database = database
-        self.embedding_dim = q._check_dimensions(embedding_dim)
-        self._version: tuple[int, ...] | None = None
-        self._vector_index: bool | None = None  # known after ensure_schema, else looked up on first use
+        # the vector index's size for an empty graph; otherwise the stored embeddings decide (vector_index_dim)
+        self.embedding_dim = q._check_dimensions(embedding_dim) if embedding_dim is not None else None
         scheme = uri.split("://", 1)[0] if "://" in uri else ""
         if scheme not in SCHEMES or not uri.split("://", 1)[1].strip("/"):
             raise GraphUnavailable(f"bad Neo4j URL {uri!r}: use neo4j://host:7687 or bolt://host:7687")
-        try:
-            self._driver = neo4j.GraphDatabase.driver(
-                uri,
-                auth=(user, password),
-                connection_timeout=connection_timeout_s,
-                max_transaction_retry_time=15.0,
-            )
+        try:  # one driver per process and credentials (graphdb.neo4j.drivers), not one per session
+            self._shared = drivers.shared_driver(uri, user, password, connection_timeout=connection_timeout_s,
+                                                 max_transaction_retry_time=15.0)
         except (nex.ConfigurationError, ValueError) as exc:
             raise GraphUnavailable(f"bad Neo4j URL {uri!r}: {_one_line(exc)}") from exc
+        self._driver = self._shared.driver
+        self._db = self._shared.database(database)
         try:
-            with self._errors():
-                self._driver.verify_connectivity()
+            if not self._shared.verified:
+                with self._errors():
+                    self._driver.verify_connectivity()
+                self._shared.verified = True
             self._server_version()  # runs in ``database``: a missing database fails here, clearly
         except BaseException:
-            self._driver.close()
+            drivers.discard(uri, user, password)  # the next session starts afresh
             raise
 
     # lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
-        self._driver.close()
+        """Nothing to release: the driver is shared by the process (closed at exit)."""
 
     def __enter__(self) -> Neo4jGraphStore:
         return self
@@ -263,30 +271,56 @@ class Neo4jGraphStore:
         self.close()
 
     def ensure_schema(self) -> None:
-        """Uniqueness constraints, range indexes and (5.11+) the vector index on ``Expert.embedding``;
-        idempotent. Waits until new indexes are online."""
+        """Uniqueness constraints, range indexes and (5.11+) the vector index on ``Expert.embedding``, once
+        per database and process; idempotent. The vector index is sized from the stored embeddings (or
+        ``embedding_dim``); on an empty graph it is created with the first embeddings written."""
+        with self._db.lock:
+            if self._db.schema_ready:
+                return
+            for statement in [*q.CREATE_CONSTRAINT_QUERIES, *q.CREATE_INDEX_QUERIES]:
+                self._execute(statement)
+            dim = self._graph_dim() or self.embedding_dim
+            if dim:
+                self._size_vector_index(dim)
+            self._execute(q.AWAIT_INDEXES_QUERY, timeout_s=300)
+            self._db.schema_ready = True
+
+    def _size_vector_index(self, dim: int) -> None:
+        """Make the vector index ``dim``-dimensional: create it, or replace one of another size."""
         from neo4j import exceptions as nex
 
-        for statement in [*q.CREATE_CONSTRAINT_QUERIES, *q.CREATE_INDEX_QUERIES]:
-            self._execute(statement)
         mode = vector_index_mode(self._server_version())
+        if mode == "none":
+            self._db.index_dim = 0
+            return
+        rows = self._read(q.SHOW_VECTOR_INDEX_QUERY, index_name=q.VECTOR_INDEX_NAME)
+        existing = vector_index_dim(rows[0].get("options")) if rows else None
+        if existing == dim:
+            self._db.index_dim = dim
+            return
         try:
+            if rows:
+                log.warning("Neo4j vector index %s has %s dimensions, the embeddings %d: recreating it",
+                            q.VECTOR_INDEX_NAME, existing, dim)
+                self._execute(q.DROP_VECTOR_INDEX_QUERY)
             if mode == "ddl":
-                self._execute(q.create_vector_index_query(self.embedding_dim)[0])
-            elif mode == "procedure" and not self._execute(
-                q.SHOW_INDEX_QUERY, index_name=q.VECTOR_INDEX_NAME
-            ):
-                self._execute(
-                    q.CREATE_VECTOR_INDEX_PROCEDURE_QUERY,
-                    index_name=q.VECTOR_INDEX_NAME,
-                    dimensions=self.embedding_dim,
-                )
-            self._vector_index = mode != "none"
+                self._execute(q.create_vector_index_query(dim)[0])
+            else:
+                self._execute(q.CREATE_VECTOR_INDEX_PROCEDURE_QUERY, index_name=q.VECTOR_INDEX_NAME, dimensions=dim)
+            self._execute(q.AWAIT_INDEXES_QUERY, timeout_s=300)
+            self._db.index_dim = dim
         except GraphError as exc:
             if not isinstance(exc.__cause__, nex.ClientError):
                 raise
-            self._vector_index = False  # e.g. an edition without vector indexes: brute force works everywhere
-        self._execute(q.AWAIT_INDEXES_QUERY, timeout_s=300)
+            self._db.index_dim = 0  # e.g. an edition without vector indexes: brute force works everywhere
+
+    def _index_new_embeddings(self, dims: Iterable[int]) -> None:
+        """After the first embeddings are written to a graph without a vector index, create it."""
+        dim = next(iter(dims), None)
+        if dim and self._db.index_dim is None:
+            with self._db.lock:
+                if self._db.index_dim is None:
+                    self._size_vector_index(dim)
 
     def clear(self) -> None:
         """Test helper only: delete every node carrying a DiffGraph label (and its relationships)."""
@@ -339,17 +373,19 @@ class Neo4jGraphStore:
             return session.execute_write(work)
 
     def _server_version(self) -> tuple[int, ...]:
-        if self._version is None:
+        if self._db.version is None:
             rows = self._read(q.SERVER_VERSION_QUERY)
             kernel = [r for r in rows if "kernel" in str(r.get("name", "")).lower()] or rows
-            self._version = parse_version(kernel[0]["versions"] if kernel else [])
-        return self._version
+            self._db.version = parse_version(kernel[0]["versions"] if kernel else [])
+        return self._db.version
 
-    def _has_vector_index(self) -> bool:
-        if self._vector_index is None:
-            rows = self._read(q.SHOW_INDEX_QUERY, index_name=q.VECTOR_INDEX_NAME)
-            self._vector_index = any(r.get("state") == "ONLINE" for r in rows)
-        return self._vector_index
+    def _vector_index_dim(self) -> int:
+        """The online vector index's dimension, 0 when there is none (then candidates are exact)."""
+        if self._db.index_dim is None:
+            rows = self._read(q.SHOW_VECTOR_INDEX_QUERY, index_name=q.VECTOR_INDEX_NAME)
+            online = [r for r in rows if r.get("state") == "ONLINE"]
+            return (vector_index_dim(online[0].get("options")) or 0) if online else 0
+        return self._db.index_dim
 
     def _graph_dim(self) -> int | None:
         rows = self._read(q.EMBEDDING_DIM_QUERY)
@@ -386,6 +422,7 @@ class Neo4jGraphStore:
             chunk = {i: batch[i] for i in chunk_ids}
             for key, done in self._write(lambda tx, chunk=chunk: self._upsert_chunk(tx, chunk)).items():
                 outcome[key].extend(done)
+        self._index_new_embeddings(len(e.embedding) for e in batch.values() if e.embedding)
         return UpsertResult(
             created=len(outcome["created"]),
             updated=len(outcome["updated"]),
@@ -465,7 +502,9 @@ class Neo4jGraphStore:
                 tx.run(q.UPSERT_REF_PROMPTS_QUERY, {"rows": chunk}).consume()
             return len(rows)
 
-        return self._write(work)
+        written = self._write(work)
+        self._index_new_embeddings(len(p.embedding) for p in batch.values() if p.embedding)
+        return written
 
     def list_ref_prompts(self, set_version: str | None = None) -> list[RefPrompt]:
         if set_version is None:
@@ -550,7 +589,7 @@ class Neo4jGraphStore:
             "exclude_ids": sorted(f.exclude_ids),
         }
         rows: list[dict[str, Any]] | None = None
-        if self._has_vector_index() and query.size == self.embedding_dim:
+        if query.size == self._vector_index_dim():
             limit = min(total, MAX_VECTOR_FETCH)
             fetch = min(limit, max(4 * k, 50))
             while True:

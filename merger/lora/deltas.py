@@ -8,8 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from merger.errors import CorruptWeights
+
 #: Components a delta may target, in diffusers pipeline naming.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+
+
+# What converting one module of a malformed file raises (a missing partner tensor, factors of the wrong
+# rank or shape, a zero rank): converters report the module as not applicable instead of crashing.
+MALFORMED_MODULE: tuple[type[Exception], ...] = (KeyError, IndexError, RuntimeError, ValueError, ZeroDivisionError,
+                                                 CorruptWeights)
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,16 @@ class LoraDelta:
 
     def __post_init__(self) -> None:
         if (self.build is None or self.full_shape is None) == (self.up is None or self.down is None):
-            raise ValueError("a LoraDelta has either up+down or build+full_shape")
-        if self.build is None and self.up.shape[1] != self.down.shape[0]:  # type: ignore[union-attr]
-            raise ValueError(f"rank mismatch: up {tuple(self.up.shape)} vs down {tuple(self.down.shape)}")  # type: ignore[union-attr]
+            raise ValueError("a LoraDelta has either up+down or build+full_shape")  # a converter's bug
+        # The factors come from a downloaded file: wrong shapes are the file's fault, reported as such.
+        if self.build is None:
+            up, down = tuple(self.up.shape), tuple(self.down.shape)  # type: ignore[union-attr]
+            if len(up) < 2 or len(down) < 2:
+                raise CorruptWeights(f"LoRA factors must be matrices or conv kernels: up {up}, down {down}")
+            if up[1] != down[0]:
+                raise CorruptWeights(f"LoRA rank mismatch: up {up} vs down {down}")
         if not math.isfinite(self.scale):
-            raise ValueError(f"non-finite LoRA scale {self.scale}")
+            raise CorruptWeights(f"non-finite LoRA scale {self.scale}")
 
     @property
     def is_low_rank(self) -> bool:

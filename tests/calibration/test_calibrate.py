@@ -132,3 +132,85 @@ def test_sweep_calibrates_uncalibrated_in_process_without_broker(calib_settings,
     assert first["found"] == 1 and first["enqueued"] == 0
     assert [o["status"] for o in first["calibrated"]] == ["succeeded"]
     assert sweep(settings)["found"] == 0
+
+
+def test_failures_record_a_cause_and_sweeps_give_up_after_bounded_attempts(calib_settings, tiny_zoo, register,
+                                                                           corrupt_checkpoint) -> None:
+    from calibration.tasks import sweep
+
+    settings = calib_settings.model_copy(update={"calib_prompts": 1, "calib_max_attempts": 2})
+    bad = local_expert(corrupt_checkpoint, "corrupt-s")
+    sdxl = local_expert(tiny_zoo.checkpoints[0], "wrong-family").model_copy(
+        update={"id": "local:sdxl-two", "base_family": "sdxl", "base_model": "SDXL 1.0"})
+    register(settings, [bad, sdxl])
+    for _attempt in (1, 2):
+        swept = sweep(settings)
+        assert swept["found"] == 2 and swept["given_up"] == []
+        assert {o["expert_id"]: o["cause"] for o in swept["calibrated"]} == {bad.id: "expert", sdxl.id: "setup"}
+    third = sweep(settings)  # the corrupt expert failed on its own twice; the missing base is not its fault
+    assert third["found"] == 1 and [o["expert_id"] for o in third["calibrated"]] == [sdxl.id]
+    (gone,) = third["given_up"]
+    assert gone["expert_id"] == bad.id and gone["failures"] == 2 and gone["last_error"]
+    assert {r.cause for r in _runs(settings) if r.expert_id == bad.id} == {"expert"}
+
+    from calibration.cli import _pending_ids
+
+    assert _pending_ids(settings, 10) == [sdxl.id]
+    (again,) = calibrate_experts(settings, [bad.id])  # --expert still runs it
+    assert again.status == "failed" and again.cause == "expert"
+
+
+def test_base_image_cache_key_covers_dtype_and_device() -> None:
+    from calibration.calibrate import CalibrationConfig, _cache_key
+
+    prompt = load_reference_set().subset(1)[0]
+    fp32_cpu = CalibrationConfig(prompts=(prompt,), seeds=(0,), steps=2, size=32, guidance=5.0, batch_size=8,
+                                 dtype="fp32", device_kind="cpu")
+    keys = {_cache_key("base", prompt.text, 0, cfg, [prompt.text]) for cfg in (
+        fp32_cpu, CalibrationConfig(**{**fp32_cpu.__dict__, "dtype": "fp16"}),
+        CalibrationConfig(**{**fp32_cpu.__dict__, "device_kind": "cuda"}))}
+    assert len(keys) == 3
+
+
+def test_a_scorer_whose_package_fails_to_import_is_reported_unavailable(calib_settings, tiny_zoo, register,
+                                                                        tmp_path: Path, monkeypatch) -> None:
+    """An installed but broken ImageReward (its import raises) costs that scorer only, with a one-line reason."""
+    from calibration.scorers import Unavailable, available_scorers
+
+    pkg = tmp_path / "site" / "ImageReward"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError(\"cannot import name 'BertTokenizer' from 'transformers'\\n"
+                                     "more detail on a second line\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    weights = tmp_path / "reward" / "ImageReward.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"not really a checkpoint")
+    (weights.parent / "med_config.json").write_text("{}")
+    settings = calib_settings.model_copy(update={
+        "allow_pickle": True, "calib_prompts": 1,
+        "scorer_paths": {**calib_settings.scorer_paths, "imagereward": str(weights)}})
+    scorers = available_scorers(settings)
+    reward = scorers["imagereward"]
+    assert isinstance(reward, Unavailable) and "ImportError" in reward.reason and "BertTokenizer" in reward.reason
+    assert "\n" not in reward.reason and not isinstance(scorers["clip"], Unavailable)
+    expert = local_expert(tiny_zoo.checkpoints[1], "ckpt-r")
+    register(settings, [expert])
+    (outcome,) = calibrate_experts(settings, [expert.id])
+    assert outcome.status == "succeeded" and "imagereward" in outcome.metrics["unavailable_scorers"]
+
+
+def test_a_calibration_killed_by_its_hard_time_limit_is_recorded_as_failed(calib_settings) -> None:
+    """Celery calls the task's ``on_failure`` in the worker's main process after a hard kill."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    from calibration.calibrate import _start_run
+    from calibration.tasks import calibrate_expert
+
+    settings = calib_settings
+    running = _start_run(settings, "civitai:1", "task-killed", "v1", "clip:1", 3)
+    other = _start_run(settings, "civitai:2", "task-alive", "v1", "clip:1", 3)
+    calibrate_expert.on_failure(TimeLimitExceeded(7300), "task-killed", ("civitai:1",), {}, None)
+    runs = {r.id: r for r in _runs(settings)}
+    assert runs[running].status == "failed" and "time limit exceeded" in runs[running].error
+    assert runs[running].cause == "expert" and runs[running].finished_at is not None
+    assert runs[other].status == "running"  # another task's run is left alone

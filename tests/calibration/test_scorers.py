@@ -26,7 +26,10 @@ def test_tiny_clip_and_aesthetic_score_images(tmp_path: Path, tiny_clip: dict[st
     a = clip.score(imgs, ["a red fox", "a red fox", "a blue car"])
     assert len(a) == 3 and all(math.isfinite(x) for x in a)
     assert a[0] != a[1]  # different images, same prompt
-    assert clip.score(imgs[:1], ["a red fox"]) == pytest.approx(a[:1], rel=1e-5)  # batch-independent
+    # Batch-independent up to the float noise of different batch-shape kernels (not bit-equal on CPU),
+    # a tolerance still far below the gap between two images.
+    assert clip.score(imgs[:1], ["a red fox"]) == pytest.approx(a[:1], rel=1e-4)
+    assert a[1] != pytest.approx(a[0], rel=1e-4)
     s = aesthetic.score(imgs, ["", "", ""])
     assert len(s) == 3 and all(math.isfinite(x) for x in s) and s[0] != s[1]
     version = scorer_version(scorers)

@@ -14,17 +14,16 @@ import pytest
 from core.records import CalibrationRun, session_scope
 from graphdb.store import store_session
 from tests.calibration.conftest import calib_env, local_expert
-from tests.conftest import REDIS_URL
 
 BROKER_DB, RESULT_DB = 11, 12  # this area's own Redis databases
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def redis_urls() -> Iterator[tuple[str, str]]:
+def redis_urls(private_redis: str) -> Iterator[tuple[str, str]]:
     import redis
 
-    broker, result = f"{REDIS_URL}/{BROKER_DB}", f"{REDIS_URL}/{RESULT_DB}"
+    broker, result = f"{private_redis}/{BROKER_DB}", f"{private_redis}/{RESULT_DB}"
     for url in (broker, result):
         try:
             redis.Redis.from_url(url, socket_connect_timeout=3).flushdb()
@@ -42,7 +41,7 @@ def test_calibrate_expert_task_runs_in_a_real_worker(settings, tiny_zoo, tiny_cl
 
     broker, result = redis_urls
     env_vars = {**calib_env(tiny_zoo, tiny_clip, prompts=2), "DIFFGRAPH_BROKER_URL": broker,
-                "DIFFGRAPH_RESULT_URL": result}
+                "DIFFGRAPH_RESULT_URL": result, "DIFFGRAPH_CALIB_MAX_ATTEMPTS": "2"}
     for k, v in env_vars.items():
         monkeypatch.setenv(k, v)
     get_settings.cache_clear()
@@ -53,7 +52,7 @@ def test_calibrate_expert_task_runs_in_a_real_worker(settings, tiny_zoo, tiny_cl
 
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "deploy.celery_app", "worker", "-Q", "calibrate", "--pool", "solo",
+        [sys.executable, "-m", "celery", "-A", "deploy.celery_app", "worker", "-Q", "calibrate", "--pool", "prefork",
          "-c", "1", "--loglevel", "INFO", "-n", f"calib-test-{os.getpid()}@%h", "--without-mingle",
          "--without-gossip"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT,
@@ -64,11 +63,15 @@ def test_calibrate_expert_task_runs_in_a_real_worker(settings, tiny_zoo, tiny_cl
         assert all(ids)
         client = _client(settings.broker_url, settings.result_url)
         results = [client.AsyncResult(t).get(timeout=150) for t in ids]
-        # the beat's sweep task finds the still-uncalibrated (corrupt) expert and enqueues it again
+        # the beat's sweep task finds the still-uncalibrated (corrupt) expert and enqueues it again ...
         sweep_id = send(settings, "calibration.sweep_uncalibrated")
         swept = client.AsyncResult(sweep_id).get(timeout=60)
-        assert swept["found"] == 1 and swept["enqueued"] == 1
+        assert swept["found"] == 1 and swept["enqueued"] == 1 and swept["given_up"] == []
         resweep = client.AsyncResult(swept["task_ids"][0]).get(timeout=60)
+        # ... until it failed on its own DIFFGRAPH_CALIB_MAX_ATTEMPTS (2) times: then it is given up, not re-queued
+        last = client.AsyncResult(send(settings, "calibration.sweep_uncalibrated")).get(timeout=60)
+        assert last["found"] == 0 and last["enqueued"] == 0
+        assert [g["expert_id"] for g in last["given_up"]] == [bad.id] and last["given_up"][0]["last_error"]
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:

@@ -25,7 +25,8 @@ def test_app_is_reliable_by_construction(settings: Settings) -> None:
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    # leases make a redelivered copy wait for the running one, which is kept (deploy.lease)
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_always_eager is False
     assert conf.task_publish_retry is True and conf.broker_connection_max_retries is None

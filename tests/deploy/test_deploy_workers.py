@@ -1,6 +1,6 @@
 """Reliability of the generation path with real ``celery worker`` processes, Redis and PostgreSQL.
 
-One pair of solo workers (Redis DB 13, flushed at start) serves the module; the Redis-restart test runs
+One pair of prefork workers (concurrency 1) on this session's own redis-server serves the module; the Redis-restart test runs
 its own AOF ``redis-server`` on a free port because restarting the shared Redis would hurt other users.
 The broker's visibility timeout is shortened (``DIFFGRAPH_VISIBILITY_TIMEOUT_S``) so that a killed
 worker's task is redelivered within seconds.
@@ -30,13 +30,12 @@ from core.records import GenerationJob, session_scope
 from core.settings import Settings
 from deploy.celery_app import make_app
 from graphdb.store import store_session
-from tests.conftest import REDIS_URL
 from tests.deploy.conftest import explicit_plan, register, zoo_experts
 
 ROOT = Path(__file__).resolve().parents[2]
 DIFFGRAPH = str(Path(sys.executable).parent / "diffgraph")
-REDIS_DB = f"{REDIS_URL}/13"
 VISIBILITY_TIMEOUT_S = 15
+LEASE_S = 6  # a killed worker's job is taken over this long after its last renewal
 TINY = {"steps": 1, "width": 32, "height": 32}
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +57,7 @@ def _free_port() -> int:
 
 @dataclass
 class Workers:
-    """Solo ``diffgraph worker`` subprocesses on the ``generate`` queue, killed on teardown."""
+    """``diffgraph worker`` subprocesses (prefork, concurrency 1) on the ``generate`` queue, killed on teardown."""
 
     env: dict[str, str]
     logdir: Path
@@ -69,7 +68,7 @@ class Workers:
         hostname = f"{name}@deploytest"
         with (self.logdir / f"{hostname}.log").open("ab") as log:
             self.procs[hostname] = subprocess.Popen(
-                [DIFFGRAPH, "worker", "--queues", "generate", "--pool", "solo", "--hostname", hostname,
+                [DIFFGRAPH, "worker", "--queues", "generate", "--concurrency", "1", "--hostname", hostname,
                  "--loglevel", "INFO"],
                 env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -119,6 +118,7 @@ def _env(settings: Settings) -> dict[str, str]:
         "DIFFGRAPH_DTYPE": "fp32",
         "DIFFGRAPH_CONFIG": str(settings.data_dir / "none.toml"),
         "DIFFGRAPH_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "DIFFGRAPH_GENERATION_LEASE_S": str(LEASE_S),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
@@ -128,10 +128,11 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo, private_redis: str) -> Iterator[Stack]:
+    redis_db = f"{private_redis}/13"
     tmp = tmp_path_factory.mktemp("deploy-workers")
-    redis.Redis.from_url(REDIS_DB).flushdb()
-    settings = Settings(data_dir=tmp / "var", sql_url=pg_url, broker_url=REDIS_DB, result_url=REDIS_DB,
+    redis.Redis.from_url(redis_db).flushdb()
+    settings = Settings(data_dir=tmp / "var", sql_url=pg_url, broker_url=redis_db, result_url=redis_db,
                         base_models={"sd15": str(tiny_zoo.base_dir)}, device="cpu", dtype="fp32")
     experts = zoo_experts(tiny_zoo, tmp / "corrupt")
     register(settings, experts)
@@ -143,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str, tiny_zoo) -> It
         yield Stack(settings, workers.env, experts, workers, tmp)
     finally:
         workers.stop_all()
-        redis.Redis.from_url(REDIS_DB).flushdb()
+        redis.Redis.from_url(redis_db).flushdb()
 
 
 def _wait(settings: Settings, ids: list[str], timeout: float) -> dict[str, AsyncResult]:
@@ -231,6 +232,29 @@ def test_fifty_concurrent_generations_two_workers(stack: Stack) -> None:
     assert {r.worker for r in rows} == set(stack.workers.procs)  # both workers took turns
     assert all(Path(r.image_paths[0]).is_file() for r in rows)
     assert _graph_counts(stack.settings) == (before[0] + 50, before[1] + 50)
+
+
+def test_a_second_delivery_of_a_running_job_waits_and_does_not_run_it_again(stack: Stack) -> None:
+    """The same task delivered twice at once (as after a visibility timeout): each worker receives a copy,
+    one runs the job, the other waits for its lease and returns the stored result."""
+    before = _graph_counts(stack.settings)
+    task_id = uuid.uuid4().hex
+    options = {"steps": 8, "width": 64, "height": 64, "plan": explicit_plan(stack.experts, lora=None)}
+    for _ in range(2):
+        assert send(stack.settings, "deploy.generate", ("a fox delivered twice", options), task_id=task_id) == task_id
+    results = _wait(stack.settings, [task_id], timeout=120)
+    assert results[task_id].state == "SUCCESS"
+    deadline = time.monotonic() + 60
+    received = f"deploy.generate[{task_id}] received"
+    succeeded = f"deploy.generate[{task_id}] succeeded"
+    logs = lambda: [(stack.tmp / f"{h}.log").read_text(errors="replace") for h in stack.workers.procs]  # noqa: E731
+    while sum(text.count(succeeded) for text in logs()) < 2:  # both copies finished (the waiter returns too)
+        assert time.monotonic() < deadline, "the second delivery never finished"
+        time.sleep(0.25)
+    assert all(received in text for text in logs())  # each worker got a copy: a real second delivery
+    (row,) = _rows(stack.settings, [task_id])
+    assert row.status == "SUCCESS" and row.attempts == 1 and row.lease_owner is None  # run once
+    assert _graph_counts(stack.settings) == (before[0] + 1, before[1] + 1)
 
 
 def test_sigkill_mid_generation_completes_exactly_once(stack: Stack) -> None:

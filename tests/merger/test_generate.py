@@ -46,6 +46,19 @@ def pixels(result: GenerationResult) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
 
 
+# Batched and single sampling run different CPU kernels (batch shapes), which do not promise bit-equal
+# results: measured ≈1 level on one pixel of 64×64×3. A different seed or prompt moves the mean by ≈45 levels.
+SAME_IMAGE_MEAN_LEVELS = 1.0
+
+
+def mean_levels(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).mean())
+
+
+def same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    return mean_levels(a, b) <= SAME_IMAGE_MEAN_LEVELS
+
+
 @pytest.fixture(scope="module")
 def base_pixels(zoo: TinyZoo, generator: Generator) -> np.ndarray:
     return pixels(generator.generate(MergePlan(base_model=str(zoo.base_dir)), "a red fox", **SAMPLE))
@@ -66,12 +79,22 @@ def test_base_only_is_deterministic_and_the_pipeline_is_cached(zoo: TinyZoo, gen
     assert not np.array_equal(pixels(other_seed), base_pixels)
 
 
+def test_same_image_tolerance_still_catches_a_wrong_seed(zoo: TinyZoo, generator: Generator,
+                                                         base_pixels: np.ndarray) -> None:
+    assert same_image(base_pixels[0], base_pixels[0])
+    assert same_image(base_pixels[0], np.clip(base_pixels[0] + 1, 0, 255))  # one level everywhere still passes
+    wrong_seed = pixels(generator.generate(MergePlan(base_model=str(zoo.base_dir)), "a red fox",
+                                           **{**SAMPLE, "seed": 8}))
+    assert not same_image(wrong_seed[0], base_pixels[0])
+
+
 def test_prompt_major_order_and_count(zoo: TinyZoo, generator: Generator, base_pixels: np.ndarray) -> None:
-    result = generator.generate(MergePlan(base_model=str(zoo.base_dir)), ["a red fox", "a city at night"],
-                                num_images=2, **SAMPLE)
-    assert len(result.images) == 4 and result.images[0].size == (64, 64)
-    assert np.array_equal(pixels(result)[0], base_pixels[0])  # first prompt, first image: same noise as alone
-    assert not np.array_equal(pixels(result)[0], pixels(result)[2])
+    result = pixels(generator.generate(MergePlan(base_model=str(zoo.base_dir)), ["a red fox", "a city at night"],
+                                       num_images=2, **SAMPLE))
+    assert result.shape == (4, 64, 64, 3)
+    assert same_image(result[0], base_pixels[0])  # first prompt, first image: same noise as alone
+    assert not same_image(result[1], result[0])  # each image of a prompt gets its own noise
+    assert not same_image(result[2], result[0])  # prompt-major: image 2 is the second prompt
 
 
 def test_per_image_seeds_make_an_image_independent_of_its_batch(zoo: TinyZoo, generator: Generator) -> None:
@@ -100,7 +123,7 @@ def test_checkpoints_change_the_image(zoo: TinyZoo, settings: Settings, generato
     configs.mkdir(parents=True, exist_ok=True)
     (configs / "sd15").symlink_to(zoo.base_dir, target_is_directory=True)
     swapped = pixels(generator.generate(MergePlan(base_model=str(zoo.checkpoints[0])), "a red fox", **SAMPLE))
-    assert np.abs(swapped - one).max() <= 2
+    assert same_image(swapped, one)
 
 
 def test_loras_apply_after_checkpoints_by_weight_and_leave_the_cached_pipeline_intact(
@@ -131,7 +154,10 @@ def test_adapters_and_fuse_give_the_same_image(zoo: TinyZoo, settings: Settings)
     fused = Generator(settings, lora_mode="fuse").generate(plan, "a red fox", **SAMPLE)
     adapters = Generator(settings, lora_mode="adapters").generate(plan, "a red fox", **SAMPLE)
     assert (fused.lora_mode, adapters.lora_mode) == ("fuse", "adapters")
-    assert np.abs(pixels(fused) - pixels(adapters)).max() <= 2
+    # Fused weights and live adapters compute the same sum in a different order (not bit-equal).
+    assert same_image(pixels(fused), pixels(adapters))
+    assert not same_image(pixels(fused), pixels(Generator(settings).generate(
+        MergePlan(base_model=str(zoo.base_dir)), "a red fox", **SAMPLE)))
 
 
 def test_bad_plans_fail_clearly(zoo: TinyZoo, generator: Generator, settings: Settings) -> None:

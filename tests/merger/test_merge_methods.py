@@ -44,9 +44,34 @@ def test_ties_trim_elect_disjoint_mean() -> None:
 
 
 def test_ties_weights_scale_before_election() -> None:
-    # w = [0.5, 1]: [0,0,-1,2] + [0,3,0,-2] → γ = [0,+,-,0]; index 3 cancels to no change
+    # w = [0.5, 1]: [0,0,-1,2] + [0,3,0,-2] → γ = [0,+,-,0]; index 3 cancels to no change;
+    # index 2: only expert 1 agrees, −1 / 0.5 = −2 (divided by the agreeing weight, as mergekit does)
     out = merge_tensor("ties", BASE, [E1, E2], [0.5, 1.0], density=0.5)
-    assert torch.equal(out, torch.tensor([1.0, 5.0, 2.0, 4.0]))
+    assert torch.equal(out, torch.tensor([1.0, 5.0, 1.0, 4.0]))
+
+
+def test_ties_divides_by_the_agreeing_weight_not_the_count() -> None:
+    # w = [0.25, 0.75], no trim: index 0 both agree → (0.25·2 + 0.75·4) / 1 = 3.5; index 1: γ = sgn(−0.25 + 0.75)
+    # → only expert 2 agrees → 0.75·1 / 0.75 = 1
+    base = torch.zeros(2)
+    out = merge_tensor("ties", base, [torch.tensor([2.0, -1.0]), torch.tensor([4.0, 1.0])], [0.25, 0.75],
+                       density=1.0)
+    assert torch.allclose(out, torch.tensor([3.5, 1.0]))
+
+
+def test_ties_matches_sd_mecha() -> None:
+    """Equal weights summing to 1 against sd-mecha's ``ties_sum`` (TIES-Merging, arXiv:2306.01708) with the
+    sign elected by the summed deltas; density 1 because sd-mecha's top-k keeps ties at the threshold."""
+    from sd_mecha.extensions.builtin.merge_methods.ties import ties_sum
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=gen)
+    experts = [base + torch.randn(64, 32, generator=gen) for _ in range(3)]
+    ours = merge_tensor("ties", base, experts, [1 / 3] * 3, density=1.0)
+    theirs = base + ties_sum.__wrapped__(*[x - base for x in experts], k=1.0, vote_sgn=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # the old count-divided formula was 1/3 of this delta: make sure the comparison would see it
+    assert not torch.allclose(base + (ours - base) / 3, theirs, atol=1e-2)
 
 
 def test_ties_averages_agreeing_entries() -> None:

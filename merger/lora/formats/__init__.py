@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merger.errors import MergeError
+from merger.errors import CorruptWeights, MergeError
 from merger.lora.deltas import LoraDelta, LoraDeltas, infer_family
 from merger.lora.formats.cloneofsimo import SENTINEL as _CLONEOFSIMO_KEY
 from merger.lora.formats.cloneofsimo import UnmappableCloneofsimo, convert_cloneofsimo_to_diffusers
@@ -84,6 +84,8 @@ def normalize_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str
     except UnmappableCloneofsimo as exc:
         raise UnsupportedLora(f"{name}: cloneofsimo lora_diffusion format refused: {exc}; "
                               "its entries name no modules, so the mapping cannot be verified") from None
+    except CorruptWeights as exc:  # a malformed factor: say which file
+        raise CorruptWeights(f"{name}: {exc}") from None
     if leftover:
         listed = ", ".join(leftover[:_MAX_LISTED]) + (f" (+{len(leftover) - _MAX_LISTED} more)"
                                                       if len(leftover) > _MAX_LISTED else "")

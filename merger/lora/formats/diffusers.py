@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from merger.lora.deltas import COMPONENTS, LoraDelta
+from merger.lora.deltas import COMPONENTS, MALFORMED_MODULE, LoraDelta
 
 #: key suffix → (role, layout label)
 _SUFFIXES = {
@@ -94,18 +94,21 @@ def convert_diffusers_to_diffusers(
         if set(parts) != {"up", "down"}:
             leftover.append(f"{module} (only {', '.join(parts)})")
             continue
-        rank = int(parts["down"].shape[0])
         alpha_t = alphas.pop(module, None)
         if alpha_t is None:  # network alphas are keyed by the stem before renaming
             alpha_t = next((alphas.pop(s) for s in list(alphas) if _module_name(s, "attn_procs") == module), None)
-        rslora = False
-        if alpha_t is not None:
-            alpha = float(alpha_t)
-        else:
-            peft_alpha, rslora = _peft_alpha(metadata, module)
-            alpha = peft_alpha if peft_alpha is not None else float(rank)
-        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        deltas[module] = LoraDelta(scale=scale, up=parts["up"], down=parts["down"])
+        try:
+            rank = int(parts["down"].shape[0])
+            rslora = False
+            if alpha_t is not None:
+                alpha = float(alpha_t)
+            else:
+                peft_alpha, rslora = _peft_alpha(metadata, module)
+                alpha = peft_alpha if peft_alpha is not None else float(rank)
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            deltas[module] = LoraDelta(scale=scale, up=parts["up"], down=parts["down"])
+        except MALFORMED_MODULE as exc:  # factors of the wrong shape or rank in the file
+            leftover.append(f"{module} ({exc.__class__.__name__}: {exc})")
     leftover.extend(f"{stem}.alpha" for stem in alphas)
     label = "+".join(sorted(layouts)) or "diffusers"
     return label, deltas, {}, leftover

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from merger.lora.deltas import LoraDelta
+from merger.lora.deltas import MALFORMED_MODULE, LoraDelta
 from merger.lora.formats import locon, loha, lokr
 
 #: kohya prefix → diffusers pipeline component.
@@ -100,7 +100,7 @@ def convert_kohya_to_diffusers(
             continue
         try:
             delta = convert(parts)
-        except (KeyError, RuntimeError, ValueError) as exc:  # missing partner tensor or bad shapes
+        except MALFORMED_MODULE as exc:  # missing partner tensor or bad shapes
             leftover.extend(f"{module}.{s} ({exc.__class__.__name__}: {exc})" for s in sorted(parts)[:1])
             continue
         target = kohya_name_to_diffusers(module)

@@ -9,12 +9,12 @@ flattened to ``(out, in·kh·kw)`` and is reshaped when applied.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from functools import partial
 
 import torch
 
+from merger.errors import CorruptWeights
 from merger.lora.deltas import LoraDelta
 from merger.lora.formats.tucker import rebuild_tucker
 
@@ -60,6 +60,8 @@ def _shape(parts: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 def convert_lokr_module(parts: Mapping[str, torch.Tensor]) -> LoraDelta:
     """One module's LoKr tensors (keyed by suffix) → a :class:`LoraDelta` built on demand."""
     s1, s2 = _shape(parts, "lokr_w1"), _shape(parts, "lokr_w2")
+    if len(s1) > len(s2):  # kron(w1, w2) of a weight: w1 never has more dimensions than w2
+        raise CorruptWeights(f"LoKr factors of shapes {s1} and {s2} do not form a weight")
     s1 = s1 + (1,) * (len(s2) - len(s1))
     shape = tuple(a * b for a, b in zip(s1, s2, strict=False)) + s2[len(s1):]
     if "lokr_w1_b" in parts:
@@ -70,5 +72,4 @@ def convert_lokr_module(parts: Mapping[str, torch.Tensor]) -> LoraDelta:
         rank = None
     alpha = float(parts["alpha"]) if "alpha" in parts else None
     scale = alpha / rank if (rank is not None and alpha is not None) else 1.0
-    assert math.prod(shape) == math.prod(s1) * math.prod(s2)
     return LoraDelta(scale=scale, full_shape=shape, build=partial(lokr_weight, dict(parts)))
