@@ -69,7 +69,7 @@ class CalibrationConfig:
     seeds: tuple[int, ...]
     steps: int
     size: int
-    guidance: float
+    guidance: float | None  # None: the family's default
     batch_size: int
 
 
@@ -162,8 +162,9 @@ class _Sampler:
     def _run(self, plan: MergePlan, seed: int, batch: list[RefPrompt]) -> list[Image.Image]:
         texts = [p.text for p in batch]
         result = self.generator.generate(plan, texts if len(texts) > 1 else texts[0], seed=seed,
-                                         steps=self.cfg.steps, guidance=self.cfg.guidance,
-                                         width=self.cfg.size, height=self.cfg.size, num_images=1)
+                                         steps=self.cfg.steps or None, guidance=self.cfg.guidance,
+                                         width=self.cfg.size or None, height=self.cfg.size or None,
+                                         num_images=1)
         if len(result.images) != len(batch):
             raise CalibrationError(f"generator returned {len(result.images)} images for {len(batch)} prompts")
         return list(result.images)

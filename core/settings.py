@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(default_factory=dict)
 
     # calibration
-    calib_steps: int = 4
-    calib_size: int = 64
+    calib_steps: int = 0  # 0 = the family's default (core.families: SD1.5 20, SDXL 25, FLUX dev 28, schnell 4)
+    calib_size: int = 0  # 0 = the base model's native resolution
     calib_seeds: int = 1
     calib_prompts: int = 0  # 0 = the whole reference set
     calib_interval_s: int = 3600
@@ -95,10 +95,15 @@ class Settings(BaseSettings):
     lora_max_weight: float = 1.0
     planner_retrain_interval_s: int = 24 * 3600
 
-    # generation defaults
-    gen_steps: int = 20
-    gen_size: int = 512
-    gen_guidance: float = 7.0
+    # generation defaults (0 / unset = per family, core.families; size: the base model's native resolution)
+    gen_steps: int = 0
+    gen_size: int = 0
+    gen_guidance: float | None = None
+
+    @field_validator("gen_guidance", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -65,10 +65,11 @@ class GenerateOptions(BaseModel):
         return {
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
-            "steps": self.steps if self.steps is not None else settings.gen_steps,
+            # None: the plan's family decides (core.families), the size from the base model's own config
+            "steps": self.steps if self.steps is not None else (settings.gen_steps or None),
             "guidance": self.guidance if self.guidance is not None else settings.gen_guidance,
-            "width": self.width if self.width is not None else settings.gen_size,
-            "height": self.height if self.height is not None else settings.gen_size,
+            "width": self.width if self.width is not None else (settings.gen_size or None),
+            "height": self.height if self.height is not None else (settings.gen_size or None),
             "num_images": self.num_images,
             "method": "explicit" if self.plan is not None else self.method,
         }
@@ -117,6 +118,12 @@ def _check_explicit_plan(settings: Settings, plan: MergePlan) -> dict[str, Exper
                 missing.append(pe.expert_id)
     if missing:
         raise NotFoundError(f"unknown expert id(s) in plan: {', '.join(missing)}")
+    from core.families import FamilyError, check_plan_family
+
+    try:  # a plan never mixes families: a Pony LoRA on an Illustrious base is refused here
+        check_plan_family(plan.base_family, [(f"{e.name or e.id} ({e.id})", e.base_family) for e in found.values()])
+    except FamilyError as exc:
+        raise ValidationFailed(str(exc)) from None
     return found
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from core.types import MergePlan, PlannedExpert, ValidationFailed
 from merger.errors import MergeError
+from merger.families import get_family
 from merger.pipeline import (
     PIPELINE_CACHE_SIZE,
     LoraCache,
@@ -74,9 +75,13 @@ class Generator:
         self.lora_mode: LoraMode = lora_mode
 
     def generate(self, plan: MergePlan, prompt: str | list[str], negative_prompt: str = "", seed: int = 0,
-                 steps: int = 20, guidance: float = 7.0, width: int = 512, height: int = 512,
-                 num_images: int = 1, progress: Progress | None = None) -> GenerationResult:
+                 steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, progress: Progress | None = None,
+                 ) -> GenerationResult:
         """Sample ``num_images`` per prompt from the plan's merged model.
+
+        ``steps`` and ``guidance`` default to the plan family's (:mod:`core.families`); ``width``/``height``
+        to the base model's native resolution (UNet/transformer sample size × VAE scale, as diffusers does).
 
         Raises:
             ValidationFailed: empty prompt or bad sampling arguments.
@@ -89,7 +94,10 @@ class Generator:
             raise ValidationFailed("prompt must not be empty")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
             raise ValidationFailed(f"prompt longer than {MAX_PROMPT_CHARS} characters")
-        if steps < 1 or num_images < 1 or width % 8 or height % 8 or width < 8 or height < 8:
+        fam = get_family(plan.base_family)
+        steps = fam.steps if steps is None else steps
+        guidance = fam.guidance if guidance is None else guidance
+        if steps < 1 or num_images < 1 or any(v is not None and (v % 8 or v < 8) for v in (width, height)):
             raise ValidationFailed("steps and num_images must be ≥ 1; width and height positive multiples of 8")
         report = progress or (lambda stage, step, total: None)
         timings = {"load": 0.0, "merge": 0.0, "lora": 0.0, "sample": 0.0}
