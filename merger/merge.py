@@ -279,8 +279,8 @@ class _MergeJob:
             return base32
         # The delta methods subtract the fp32 base first, so type promotion computes them in fp32 without an
         # upcast copy of each expert; weighted_average scales experts directly and needs fp32 copies.
-        if self.method == "weighted_average":
-            experts = [x.float() for x in experts]
+        # fp8 storage (FLUX fp8 files) has no type promotion at all: upcast it too.
+        experts = [x.float() if self.method == "weighted_average" or x.dtype.itemsize == 1 else x for x in experts]
         return merge_tensor(self.method, base32, experts, self.weights, self.density, self.seed, native, masks)
 
     def _entries(self, natives: list[str], names: dict[str, tuple[str, bool]]) -> list[tuple[str, str, tuple]]:

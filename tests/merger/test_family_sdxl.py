@@ -4,6 +4,7 @@ against diffusers' ``load_lora_weights`` + ``fuse_lora``, and one sampling step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,24 @@ def test_sdxl_samples_one_step_with_family_defaults(sdxl: dict, settings) -> Non
         PlannedExpert(expert_id="x", kind="checkpoint", coefficient=0.5, path=str(sdxl["expert_file"]))])
     result = Generator(settings).generate(plan, "a red fox", steps=1, width=32, height=32)
     assert result.images[0].size == (32, 32)
+
+
+def test_merge_cli_sdxl_and_cross_family_refusal(sdxl: dict, settings, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from merger.cli import register
+    from merger.testing import build_tiny_zoo
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    run = lambda *a: CliRunner().invoke(app, ["merge", *map(str, a)])  # noqa: E731
+    ok = run("--base", sdxl["base_dir"], "--ckpt", f"{sdxl['expert_file']}:0.3", "--out", tmp_path / "m", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["family"] == "sdxl"
+    zoo = build_tiny_zoo(tmp_path / "zoo")
+    bad = run("--base", sdxl["base_file"], "--ckpt", f"{zoo.checkpoints[0]}:0.5", "--out", tmp_path / "x.safetensors")
+    assert bad.exit_code != 0
+    line = bad.output.strip()
+    assert "\n" not in line and "sd15" in line and "sdxl" in line and "Traceback" not in line
