@@ -167,6 +167,7 @@ class PlannedExpert(BaseModel):
     reason: str = ""
     path: str | None = None  # local weight file, resolved before merging
     sha256: str | None = None
+    trigger_words: list[str] = Field(default_factory=list, max_length=16)  # added to the sampled prompt
 
 
 class MergePlan(BaseModel):
@@ -187,6 +188,8 @@ class MergePlan(BaseModel):
     seed: int = 0
     checkpoints: list[PlannedExpert] = Field(default_factory=list)
     loras: list[PlannedExpert] = Field(default_factory=list)
+    scheduler: str = Field(default="", max_length=64)  # diffusers class or A1111 name; "" = the base's own
+    clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111 convention (1 = last layer)
     notes: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
 

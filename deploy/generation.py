@@ -52,6 +52,8 @@ class GenerateOptions(BaseModel):
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     method: Literal["vgae", "fixed", "similarity", "direct"] = "vgae"
     plan: MergePlan | None = None  # an explicit plan skips the planner
+    scheduler: str | None = Field(default=None, max_length=64)  # diffusers class or A1111 name ("Euler a")
+    clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111 convention
 
     @field_validator("width", "height")
     @classmethod
@@ -72,6 +74,7 @@ class GenerateOptions(BaseModel):
             "height": self.height if self.height is not None else (settings.gen_size or None),
             "num_images": self.num_images,
             "method": "explicit" if self.plan is not None else self.method,
+            **{k: v for k, v in (("scheduler", self.scheduler), ("clip_skip", self.clip_skip)) if v is not None},
         }
 
 
@@ -257,6 +260,8 @@ def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Exper
     for pe in plan.experts:
         path = ensure_local(settings, experts[pe.expert_id])
         pe.path = str(path)
+        if pe.kind.is_adapter and not pe.trigger_words:  # Civitai "trained words", added to the prompt
+            pe.trigger_words = [w[:100] for w in experts[pe.expert_id].trained_words[:8]]
         pe.sha256 = pe.sha256 or (experts[pe.expert_id].primary_file.sha256
                                   if experts[pe.expert_id].primary_file else None)
 
@@ -350,6 +355,8 @@ def run_generation(
             height=params["height"],
             num_images=params["num_images"],
             progress=report,
+            scheduler=params.get("scheduler"),
+            clip_skip=params.get("clip_skip"),
         )
         timings.update({k: round(float(v), 4) for k, v in result.timings.items()})
 

@@ -208,6 +208,7 @@ def test_flux_samples_one_step(flux: dict, settings, family: str, steps: int) ->
     assert get(family).steps == steps
     plan = MergePlan(base_family=family, base_model=str(flux["base_dir"]), checkpoints=[
         PlannedExpert(expert_id="x", kind="checkpoint", coefficient=0.5, path=str(flux["expert_file"]))])
-    result = Generator(settings).generate(plan, "a red fox", negative_prompt="blurry", steps=1, width=32, height=32)
+    result = Generator(settings).generate(plan, "a (red fox:1.3) <lora:x:1>", negative_prompt="blurry", steps=1,
+                                          width=32, height=32, scheduler="Euler")
     assert result.images[0].size == (32, 32)
     assert json.loads((flux["base_dir"] / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
