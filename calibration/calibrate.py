@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
-from core.types import Capability, DiffGraphError, Expert, MergePlan, PlannedExpert, RefPrompt, utcnow
+from core.types import (
+    Capability,
+    DiffGraphError,
+    Expert,
+    ExpertKind,
+    MergePlan,
+    PlannedExpert,
+    RefPrompt,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -225,6 +234,8 @@ def plan_for(expert: Expert, path: Path, base_family: str, base_model: str) -> M
     )
     common = {"prompt": "", "base_family": base_family, "base_model": base_model, "method": "explicit",
               "merge_method": "task_arithmetic"}
+    if expert.kind is ExpertKind.embedding:
+        return MergePlan(**common, embeddings=[planned])
     if expert.kind.is_adapter:
         return MergePlan(**common, loras=[planned])
     return MergePlan(**common, checkpoints=[planned])

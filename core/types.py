@@ -26,15 +26,17 @@ class ExpertKind(StrEnum):
     locon = "locon"
     loha = "loha"
     lokr = "lokr"
+    embedding = "embedding"  # textual inversion (Civitai type TextualInversion): new tokens, no weight change
 
     @property
     def is_adapter(self) -> bool:
-        return self is not ExpertKind.checkpoint
+        """A LoRA-family adapter (fused into weights)."""
+        return self not in (ExpertKind.checkpoint, ExpertKind.embedding)
 
     @property
     def label(self) -> str:
-        """The Neo4j label of this kind (``:Checkpoint`` or ``:LoRA``)."""
-        return "Checkpoint" if self is ExpertKind.checkpoint else "LoRA"
+        """The Neo4j label of this kind (``:Checkpoint``, ``:LoRA`` or ``:Embedding``)."""
+        return {ExpertKind.checkpoint: "Checkpoint", ExpertKind.embedding: "Embedding"}.get(self, "LoRA")
 
 
 class ExpertFile(BaseModel):
@@ -190,12 +192,13 @@ class MergePlan(BaseModel):
     loras: list[PlannedExpert] = Field(default_factory=list)
     scheduler: str = Field(default="", max_length=64)  # diffusers class or A1111 name; "" = the base's own
     clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111 convention (1 = last layer)
+    embeddings: list[PlannedExpert] = Field(default_factory=list)  # textual inversions (their token is prompted)
     notes: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
 
     @property
     def experts(self) -> list[PlannedExpert]:
-        return [*self.checkpoints, *self.loras]
+        return [*self.checkpoints, *self.loras, *self.embeddings]
 
 
 class GenerationStatus(StrEnum):

@@ -19,6 +19,7 @@ from core.settings import Settings
 from core.types import (
     DiffGraphError,
     Expert,
+    ExpertKind,
     GenerationStatus,
     MergePlan,
     NotFoundError,
@@ -260,7 +261,7 @@ def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Exper
     for pe in plan.experts:
         path = ensure_local(settings, experts[pe.expert_id])
         pe.path = str(path)
-        if pe.kind.is_adapter and not pe.trigger_words:  # Civitai "trained words", added to the prompt
+        if pe.kind is not ExpertKind.checkpoint and not pe.trigger_words:  # Civitai "trained words", added to the prompt
             pe.trigger_words = [w[:100] for w in experts[pe.expert_id].trained_words[:8]]
         pe.sha256 = pe.sha256 or (experts[pe.expert_id].primary_file.sha256
                                   if experts[pe.expert_id].primary_file else None)

@@ -25,10 +25,12 @@ from merger.pipeline import (
 from merger.sampling import (
     MAX_TRIGGER_WORDS,
     diffusers_clip_skip,
+    embedding_token,
     prompt_arguments,
     scheduler_applied,
     scheduler_spec,
     strip_lora_tags,
+    textual_inversions,
     with_trigger_words,
 )
 
@@ -117,7 +119,8 @@ class Generator:
         diffusers_clip_skip(clip_skip, fam)  # bad values fail before any work
         if scheduler:
             scheduler_spec(scheduler, fam)
-        words = [w for e in plan.loras for w in e.trigger_words[:MAX_TRIGGER_WORDS]]
+        tokens = [(_local_path(e), embedding_token(e.trigger_words, e.name or e.expert_id)) for e in plan.embeddings]
+        words = [w for e in plan.loras for w in e.trigger_words[:MAX_TRIGGER_WORDS]] + [t for _, t in tokens]
         prompts = [with_trigger_words(strip_lora_tags(p), words) for p in prompts]
         report = progress or (lambda stage, step, total: None)
         timings = {"load": 0.0, "merge": 0.0, "lora": 0.0, "sample": 0.0}
@@ -165,7 +168,8 @@ class Generator:
 
             # A CPU generator gives the same noise on every device, so a seed means the same image.
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            with torch.inference_mode(), scheduler_applied(entry.pipe, scheduler, fam):
+            with torch.inference_mode(), scheduler_applied(entry.pipe, scheduler, fam), \
+                    textual_inversions(entry.pipe, fam, tokens, self.settings.allow_pickle):
                 text = prompt_arguments(entry.pipe, fam, prompts, negative_prompt, clip_skip)
                 out = entry.pipe(
                     **text, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,

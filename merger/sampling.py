@@ -170,6 +170,9 @@ def prompt_arguments(pipe: Any, family: Family, prompts: list[str], negative: st
         if skip is not None:
             out["clip_skip"] = skip
         return out
+    if hasattr(pipe, "maybe_convert_prompt"):  # multi-vector embeddings: "tok" → "tok tok_1 …", as diffusers does
+        prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
+        negatives = [pipe.maybe_convert_prompt(n, pipe.tokenizer) for n in negatives]
     from compel import Compel, CompelForSDXL, ReturnedEmbeddingsType
 
     if family.arch == "sdxl":  # both encoders' penultimate layers, as the SDXL pipeline itself reads them
@@ -188,3 +191,57 @@ def prompt_arguments(pipe: Any, family: Family, prompts: list[str], negative: st
     cond, neg = compel.pad_conditioning_tensors_to_same_length([compel(prompts), compel(negatives)])
     return {"prompt_embeds": cond, "negative_prompt_embeds": neg}
 
+
+
+@contextmanager
+def textual_inversions(pipe: Any, family: Family, items: Sequence[tuple[Any, str]],
+                       allow_pickle: bool = False) -> Iterator[list[str]]:
+    """Load textual-inversion embeddings (Civitai type TextualInversion) for the block, then unload them.
+
+    ``items`` are ``(path, token)``. Layouts: SD1.5/SD2 files as diffusers' ``load_textual_inversion`` reads
+    them (A1111 ``emb_params``, ``string_to_param`` pickles with ``allow_pickle``, ``{token: tensor}``); SDXL
+    files with ``clip_l`` / ``clip_g`` tensors, one per text encoder.
+
+    Raises:
+        MergeError: a file in another layout, or a FLUX base (T5 has no textual-inversion convention).
+    """
+    from merger.errors import MergeError
+    from merger.safe_load import load_state_dict
+
+    if not items:
+        yield []
+        return
+    if family.arch == "flux":
+        raise MergeError("textual-inversion embeddings apply to SD1.5/SD2/SDXL text encoders, not FLUX")
+    loaded: list[tuple[list[str], Any, Any]] = []
+    try:
+        for path, token in items:
+            state = load_state_dict(path, allow_pickle=allow_pickle)
+            if family.arch == "sdxl":
+                if not {"clip_l", "clip_g"} <= set(state):
+                    raise MergeError(f"{getattr(path, 'name', path)}: an SDXL embedding needs clip_l and clip_g "
+                                     f"tensors, found {', '.join(sorted(state))[:200]}")
+                targets = [(state["clip_l"], pipe.tokenizer, pipe.text_encoder),
+                           (state["clip_g"], pipe.tokenizer_2, pipe.text_encoder_2)]
+            else:
+                targets = [(state, pipe.tokenizer, pipe.text_encoder)]
+            for tensors, tokenizer, encoder in targets:
+                before = set(tokenizer.get_added_vocab())
+                try:
+                    pipe.load_textual_inversion(tensors, token=token, tokenizer=tokenizer, text_encoder=encoder)
+                except (ValueError, KeyError, RuntimeError) as exc:
+                    raise MergeError(f"{getattr(path, 'name', path)}: cannot load as a textual inversion: "
+                                     f"{str(exc).splitlines()[0][:200]}") from None
+                # a multi-vector embedding adds "tok", "tok_1", …: all of them are unloaded afterwards
+                loaded.append((sorted(set(tokenizer.get_added_vocab()) - before), tokenizer, encoder))
+        yield [token for _, token in items]
+    finally:
+        for added, tokenizer, encoder in reversed(loaded):
+            pipe.unload_textual_inversion(added, tokenizer=tokenizer, text_encoder=encoder)
+
+
+def embedding_token(trigger_words: Sequence[str], name: str) -> str:
+    """The prompt token of an embedding: its trigger word, else ``<name>`` (as A1111 uses the file name)."""
+    if trigger_words and str(trigger_words[0]).strip():
+        return " ".join(str(trigger_words[0]).split())[:64]
+    return "<" + re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:60] + ">"

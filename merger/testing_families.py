@@ -60,8 +60,9 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = 0) -> StableDiffus
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, "hidden_size": 40}, hidden_act="gelu"))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir))  # its own object, as in real SDXL
     return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
 def write_tiny_t5_tokenizer(directory: Path) -> Path:

@@ -1029,12 +1029,14 @@ class EmbeddedGraphStore:
         by_label = dict(self._engine.execute("MATCH (e:Expert) RETURN e.label, count(e)"))
         nodes["Checkpoint"] = int(by_label.get("Checkpoint", 0))
         nodes["LoRA"] = int(by_label.get("LoRA", 0))
+        nodes["Embedding"] = int(by_label.get("Embedding", 0))
         ordered = {
             label: nodes[label]
             for label in (
                 "Expert",
                 "Checkpoint",
                 "LoRA",
+                "Embedding",
                 "BaseModel",
                 "Tag",
                 "Creator",

@@ -181,7 +181,7 @@ def kinds_for(kind: ExpertKind | str | None) -> list[str] | None:
         parsed = ExpertKind(str(kind).lower())
     except ValueError as exc:
         raise GraphError(f"unknown expert kind {kind!r}; use one of {[k.value for k in ExpertKind]}") from exc
-    return [k.value for k in ExpertKind if k.is_adapter == parsed.is_adapter]
+    return [k.value for k in ExpertKind if k.label == parsed.label]
 
 
 def expert_filter_params(f: ExpertFilter) -> dict[str, Any]:
