@@ -56,7 +56,8 @@ def test_kinds() -> None:
     assert normalize_kind("LORA") is ExpertKind.lora
     assert normalize_kind("LoCon") is ExpertKind.locon
     assert normalize_kind("Checkpoint") is ExpertKind.checkpoint
-    assert normalize_kind("TextualInversion") is None
+    assert normalize_kind("TextualInversion") is ExpertKind.embedding
+    assert normalize_kind("VAE") is None
 
 
 def test_html_is_stripped_of_scripts_and_capped() -> None:
