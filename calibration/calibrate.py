@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
-from core.types import Capability, DiffGraphError, Expert, MergePlan, PlannedExpert, RefPrompt, utcnow
+from core.types import (
+    Capability,
+    DiffGraphError,
+    Expert,
+    ExpertKind,
+    MergePlan,
+    PlannedExpert,
+    RefPrompt,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,7 +89,7 @@ class CalibrationConfig:
     seeds: tuple[int, ...]
     steps: int
     size: int
-    guidance: float
+    guidance: float | None  # None: the family's default
     batch_size: int
     dtype: str = "fp32"  # the base images differ by dtype and device kind, so both key the image cache
     device_kind: str = "cpu"
@@ -222,8 +231,9 @@ class _Sampler:
     def _run(self, plan: MergePlan, seed: int, batch: list[RefPrompt]) -> list[Image.Image]:
         texts = [p.text for p in batch]
         result = self.generator.generate(plan, texts if len(texts) > 1 else texts[0], seed=seed,
-                                         steps=self.cfg.steps, guidance=self.cfg.guidance,
-                                         width=self.cfg.size, height=self.cfg.size, num_images=1)
+                                         steps=self.cfg.steps or None, guidance=self.cfg.guidance,
+                                         width=self.cfg.size or None, height=self.cfg.size or None,
+                                         num_images=1)
         if len(result.images) != len(batch):
             raise CalibrationError(f"generator returned {len(result.images)} images for {len(batch)} prompts")
         return list(result.images)
@@ -284,6 +294,8 @@ def plan_for(expert: Expert, path: Path, base_family: str, base_model: str) -> M
     )
     common = {"prompt": "", "base_family": base_family, "base_model": base_model, "method": "explicit",
               "merge_method": "task_arithmetic"}
+    if expert.kind is ExpertKind.embedding:
+        return MergePlan(**common, embeddings=[planned])
     if expert.kind.is_adapter:
         return MergePlan(**common, loras=[planned])
     return MergePlan(**common, checkpoints=[planned])

@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(default_factory=dict)
 
     # calibration
-    calib_steps: int = 4
-    calib_size: int = 64
+    calib_steps: int = 0  # 0 = the family's default (core.families: SD1.5 20, SDXL 25, FLUX dev 28, schnell 4)
+    calib_size: int = 0  # 0 = the base model's native resolution
     calib_seeds: int = 1
     calib_prompts: int = 0  # 0 = the whole reference set
     calib_interval_s: int = 3600
@@ -100,10 +100,15 @@ class Settings(BaseSettings):
     crawl_timeout_s: int = Field(default=7200, ge=1)  # a scheduled crawl's child is stopped after this long
     store_url: str = ""  # fsspec URL of the shared weight/image store; empty = the data dir
 
-    # generation defaults
-    gen_steps: int = 20
-    gen_size: int = 512
-    gen_guidance: float = 7.0
+    # generation defaults (0 / unset = per family, core.families; size: the base model's native resolution)
+    gen_steps: int = 0
+    gen_size: int = 0
+    gen_guidance: float | None = None
+
+    @field_validator("gen_guidance", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
 
     # workers: a generation job's claim lasts this long unless its runner renews it (every quarter of it);
     # a second delivery of the job waits and takes over only once the lease has expired

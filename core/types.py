@@ -30,15 +30,17 @@ class ExpertKind(StrEnum):
     locon = "locon"
     loha = "loha"
     lokr = "lokr"
+    embedding = "embedding"  # textual inversion (Civitai type TextualInversion): new tokens, no weight change
 
     @property
     def is_adapter(self) -> bool:
-        return self is not ExpertKind.checkpoint
+        """A LoRA-family adapter (fused into weights)."""
+        return self not in (ExpertKind.checkpoint, ExpertKind.embedding)
 
     @property
     def label(self) -> str:
-        """The Neo4j label of this kind (``:Checkpoint`` or ``:LoRA``)."""
-        return "Checkpoint" if self is ExpertKind.checkpoint else "LoRA"
+        """The Neo4j label of this kind (``:Checkpoint``, ``:LoRA`` or ``:Embedding``)."""
+        return {ExpertKind.checkpoint: "Checkpoint", ExpertKind.embedding: "Embedding"}.get(self, "LoRA")
 
 
 class ExpertFile(BaseModel):
@@ -171,6 +173,7 @@ class PlannedExpert(BaseModel):
     reason: str = ""
     path: str | None = None  # local weight file, resolved before merging
     sha256: str | None = None
+    trigger_words: list[str] = Field(default_factory=list, max_length=16)  # added to the sampled prompt
 
 
 class MergePlan(BaseModel):
@@ -191,12 +194,15 @@ class MergePlan(BaseModel):
     seed: int = 0
     checkpoints: list[PlannedExpert] = Field(default_factory=list)
     loras: list[PlannedExpert] = Field(default_factory=list)
+    scheduler: str = Field(default="", max_length=64)  # diffusers class or A1111 name; "" = the base's own
+    clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111 convention (1 = last layer)
+    embeddings: list[PlannedExpert] = Field(default_factory=list)  # textual inversions (their token is prompted)
     notes: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
 
     @property
     def experts(self) -> list[PlannedExpert]:
-        return [*self.checkpoints, *self.loras]
+        return [*self.checkpoints, *self.loras, *self.embeddings]
 
 
 class GenerationStatus(StrEnum):

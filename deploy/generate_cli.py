@@ -23,10 +23,12 @@ POLL_S = 0.25
 
 
 def _options(negative_prompt: str, seed: int, steps: int | None, guidance: float | None, width: int | None,
-             height: int | None, num_images: int, method: str, plan_file: Path | None) -> dict[str, Any]:
+             height: int | None, num_images: int, method: str, plan_file: Path | None,
+             scheduler: str | None = None, clip_skip: int | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"negative_prompt": negative_prompt, "seed": seed, "num_images": num_images,
                                "method": method}
-    for key, value in (("steps", steps), ("guidance", guidance), ("width", width), ("height", height)):
+    for key, value in (("steps", steps), ("guidance", guidance), ("width", width), ("height", height),
+                       ("scheduler", scheduler), ("clip_skip", clip_skip)):
         if value is not None:
             options[key] = value
     if plan_file is not None:
@@ -132,7 +134,7 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help="The text prompt."),
         negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from."),
         seed: int = typer.Option(0, "--seed"),
-        steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default DIFFGRAPH_GEN_STEPS)."),
+        steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default DIFFGRAPH_GEN_STEPS, else the family's)."),
         guidance: float | None = typer.Option(None, "--guidance", help="CFG scale (default DIFFGRAPH_GEN_GUIDANCE)."),
         width: int | None = typer.Option(None, "--width", help="Multiple of 8 (default DIFFGRAPH_GEN_SIZE)."),
         height: int | None = typer.Option(None, "--height", help="Multiple of 8 (default DIFFGRAPH_GEN_SIZE)."),
@@ -143,13 +145,21 @@ def register(app: typer.Typer) -> None:
         wait: bool = typer.Option(False, "--wait", help="With --submit: follow progress and print the result."),
         timeout: float = typer.Option(3600.0, "--timeout", help="With --wait: give up after this many seconds."),
         json_out: bool = typer.Option(False, "--json", help="Print the final result as JSON on stdout."),
+        scheduler: str | None = typer.Option(None, "--scheduler", help="Diffusers scheduler class or A1111 "
+                                             "name: 'DPM++ 2M Karras', 'Euler a', 'DDIM', 'UniPC' …"),
+        clip_skip: int | None = typer.Option(None, "--clip-skip", help="A1111 convention: 1 = last layer, "
+                                             "2 = penultimate."),
     ) -> None:
-        """Plan, merge and sample images for PROMPT (in-process, or through Celery with --submit)."""
+        """Plan, merge and sample images for PROMPT (in-process, or through Celery with --submit).
+
+        Prompt weights (word:1.2) and prompts longer than 77 tokens go through compel; the chosen LoRAs'
+        trigger words are added. Steps, guidance and size default to the base family's."""
         from core.queue import GENERATE, send
         from deploy.generation import validate_request
 
         settings = get_settings()
-        options = _options(negative_prompt, seed, steps, guidance, width, height, num_images, method, plan_file)
+        options = _options(negative_prompt, seed, steps, guidance, width, height, num_images, method, plan_file,
+                           scheduler, clip_skip)
         with user_errors():
             validate_request(prompt, options)  # fail fast here rather than in a worker
         if not submit:

@@ -20,6 +20,7 @@ from core.types import (
     MAX_PROMPT_CHARS,
     DiffGraphError,
     Expert,
+    ExpertKind,
     GenerationStatus,
     MergePlan,
     NotFoundError,
@@ -53,6 +54,8 @@ class GenerateOptions(BaseModel):
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     method: Literal["vgae", "fixed", "similarity", "direct"] = "vgae"
     plan: MergePlan | None = None  # an explicit plan skips the planner
+    scheduler: str | None = Field(default=None, max_length=64)  # diffusers class or A1111 name ("Euler a")
+    clip_skip: int | None = Field(default=None, ge=1, le=12)  # A1111 convention
 
     @field_validator("width", "height")
     @classmethod
@@ -66,12 +69,14 @@ class GenerateOptions(BaseModel):
         return {
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
-            "steps": self.steps if self.steps is not None else settings.gen_steps,
+            # None: the plan's family decides (core.families), the size from the base model's own config
+            "steps": self.steps if self.steps is not None else (settings.gen_steps or None),
             "guidance": self.guidance if self.guidance is not None else settings.gen_guidance,
-            "width": self.width if self.width is not None else settings.gen_size,
-            "height": self.height if self.height is not None else settings.gen_size,
+            "width": self.width if self.width is not None else (settings.gen_size or None),
+            "height": self.height if self.height is not None else (settings.gen_size or None),
             "num_images": self.num_images,
             "method": "explicit" if self.plan is not None else self.method,
+            **{k: v for k, v in (("scheduler", self.scheduler), ("clip_skip", self.clip_skip)) if v is not None},
         }
 
 
@@ -118,6 +123,12 @@ def _check_explicit_plan(settings: Settings, plan: MergePlan) -> dict[str, Exper
                 missing.append(pe.expert_id)
     if missing:
         raise NotFoundError(f"unknown expert id(s) in plan: {', '.join(missing)}")
+    from core.families import FamilyError, check_plan_family
+
+    try:  # a plan never mixes families: a Pony LoRA on an Illustrious base is refused here
+        check_plan_family(plan.base_family, [(f"{e.name or e.id} ({e.id})", e.base_family) for e in found.values()])
+    except FamilyError as exc:
+        raise ValidationFailed(str(exc)) from None
     return found
 
 
@@ -227,6 +238,8 @@ def _resolve_weights(settings: Settings, plan: MergePlan, known: dict[str, Exper
     for pe in plan.experts:
         path = ensure_local(settings, experts[pe.expert_id])
         pe.path = str(path)
+        if pe.kind is not ExpertKind.checkpoint and not pe.trigger_words:  # Civitai "trained words", added to the prompt
+            pe.trigger_words = [w[:100] for w in experts[pe.expert_id].trained_words[:8]]
         pe.sha256 = pe.sha256 or (experts[pe.expert_id].primary_file.sha256
                                   if experts[pe.expert_id].primary_file else None)
 
@@ -335,6 +348,8 @@ def _run_claimed(settings: Settings, job_id: str, owner: str, lease: Heartbeat, 
             height=params["height"],
             num_images=params["num_images"],
             progress=report,
+            scheduler=params.get("scheduler"),
+            clip_skip=params.get("clip_skip"),
         )
         timings.update({k: round(float(v), 4) for k, v in result.timings.items()})
 

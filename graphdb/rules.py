@@ -148,7 +148,7 @@ def kind_values(kind: ExpertKind | str | None) -> list[str] | None:
     parsed = parse_kind(kind)
     if parsed is None:
         return None
-    return [k.value for k in ExpertKind if k.is_adapter == parsed.is_adapter]
+    return [k.value for k in ExpertKind if k.label == parsed.label]
 
 
 # ------------------------------------------------------------------------------------ expert records

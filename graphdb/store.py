@@ -31,7 +31,7 @@ from graphdb.errors import GraphUnavailable as GraphUnavailable
 if TYPE_CHECKING:
     from graphdb.subgraph import Subgraph
 
-NODE_LABELS = ("Expert", "Checkpoint", "LoRA", "BaseModel", "Tag", "Creator", "RefPrompt", "Generation")
+NODE_LABELS = ("Expert", "Checkpoint", "LoRA", "Embedding", "BaseModel", "Tag", "Creator", "RefPrompt", "Generation")
 REL_TYPES = ("BASED_ON", "TAGGED", "CREATED_BY", "CAPABILITY", "SIMILAR_TO", "USED")
 
 

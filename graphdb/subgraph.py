@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.families import ARCHS, arch_of
+
 if TYPE_CHECKING:
     from torch_geometric.data import Data
 
 NODE_TYPES = ("checkpoint", "lora", "refprompt", "prompt")
-FAMILIES = ("sd15", "sd2", "sdxl", "flux", "other")
+FAMILIES = ARCHS  # one-hot by architecture: a Pony expert is an SDXL network (core.families)
 EDGE_TYPES = ("CAPABILITY", "SIMILAR_TO", "PROMPT_SIMILAR")
 PROMPT_NODE_ID = "prompt:query"
 
@@ -92,7 +94,7 @@ class Subgraph:
         for i, node in enumerate(self.nodes):
             types[i, NODE_TYPES.index(node.node_type)] = 1.0
             if node.family:
-                fams[i, FAMILIES.index(node.family) if node.family in FAMILIES else len(FAMILIES) - 1] = 1.0
+                fams[i, FAMILIES.index(arch_of(node.family))] = 1.0
             pop[i, 0] = node.popularity
         return np.hstack([self.embeddings.reshape(n, -1), types, fams, pop]).astype(np.float32)
 

@@ -153,12 +153,13 @@ def ldm_key_map(family: Family, configs: dict[str, dict[str, Any]],
     Raises:
         IncompatibleExpert: a family without a layout conversion, or a key with no original name.
     """
-    if family.name != "sd15":
-        raise IncompatibleExpert(f"layout conversion for family {family.name!r} is not implemented yet; "
-                                 "use experts in the same layout as the base")
+    if family.arch not in ("sd15", "sdxl"):
+        raise IncompatibleExpert(f"no one-to-one original layout for family {family.name!r}")
     out: dict[str, LdmKey] = {}
     unet_blocks = _unet_block_prefixes(configs["unet"]) if "unet" in diffusers_keys else []
     for component, keys in diffusers_keys.items():
+        if component not in ("unet", "vae", "text_encoder"):
+            continue  # SDXL's OpenCLIP encoder fuses q|k|v: see openclip_segments
         prefix = family.prefixes[component]
         for key in keys:
             conv = False
@@ -197,8 +198,8 @@ def convert_ldm_to_diffusers(family: Family, configs: dict[str, dict[str, Any]],
     """One original-layout state dict → per-component diffusers state dicts, with diffusers' converters."""
     from diffusers.loaders import single_file_utils as sfu
 
-    if family.name != "sd15":
-        raise IncompatibleExpert(f"layout conversion for family {family.name!r} is not implemented yet")
+    if family.arch != "sd15":
+        raise IncompatibleExpert(f"whole-dict conversion is only written for SD1.5, not {family.name!r}")
     out: dict[str, dict[str, torch.Tensor]] = {}
     if "unet" in configs:
         out["unet"] = sfu.convert_ldm_unet_checkpoint(dict(checkpoint), configs["unet"])
@@ -219,7 +220,7 @@ def infer_ldm_configs(keys: list[str] | set[str], family: Family) -> dict[str, d
     blocks; a level has attention when its first block has a ``.1.`` submodule. VAE: levels and resnets per
     level are counted from ``encoder.down.<i>.block.<j>``.
     """
-    unet_p, vae_p = family.prefixes["unet"], family.prefixes["vae"]
+    unet_p, vae_p = family.prefixes.get("unet", "\0"), family.prefixes.get("vae", "\0")
     unet_keys = [k[len(unet_p):] for k in keys if k.startswith(unet_p)]
     vae_keys = [k[len(vae_p):] for k in keys if k.startswith(vae_p)]
     configs: dict[str, dict[str, Any]] = {}
@@ -254,7 +255,7 @@ def ldm_key_to_diffusers(key: str, family: Family, configs: dict[str, dict[str, 
     (transformers 5 naming).
     """
     component = family.component_of(key)
-    if component is None:
+    if component is None or component not in ("unet", "vae", "text_encoder"):
         return None
     rest = key[len(family.prefixes[component]):]
     if component == "text_encoder":
@@ -291,3 +292,175 @@ def ldm_tables(configs: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, 
     if "vae" in configs:
         tables["vae"] = sorted(_vae_prefixes(configs["vae"]), key=lambda p: -len(p[0]))
     return tables
+
+
+# ---------------------------------------------------------------- row-segment layouts (SDXL te2, FLUX)
+#
+# Some original layouts fuse tensors diffusers keeps apart (OpenCLIP's ``in_proj_weight`` = q|k|v, FLUX's
+# ``qkv`` and ``linear1`` = q|k|v|mlp) or order rows differently (FLUX's final modulation stores
+# shift|scale, diffusers scale|shift). A :class:`Segment` says that rows ``diff_rows`` of one diffusers
+# tensor are rows ``orig_rows`` of one original tensor (``None``: all rows), so merges read either side
+# lazily, row slice by row slice, and never hold a converted copy of a whole model.
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``diff_rows`` of diffusers ``component``/``key`` are rows ``orig_rows`` of ``original``
+    (``transpose``: the original stores the transpose, as OpenCLIP's ``text_projection``)."""
+
+    original: str
+    component: str
+    key: str
+    orig_rows: tuple[int, int] | None = None
+    diff_rows: tuple[int, int] | None = None
+    transpose: bool = False
+    conv_1x1: bool = False
+
+
+_OPENCLIP_LAYER = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
+                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj."))
+
+
+def openclip_segments(prefix: str, n_layers: int, hidden: int) -> list[Segment]:
+    """SDXL's second text encoder (OpenCLIP ViT-bigG layout) ↔ ``CLIPTextModelWithProjection``.
+
+    Mirrors diffusers' ``convert_open_clip_checkpoint`` (which only reads); tests compare both.
+    """
+    c = "text_encoder_2"
+    segs = [
+        Segment(prefix + "positional_embedding", c, "text_model.embeddings.position_embedding.weight"),
+        Segment(prefix + "token_embedding.weight", c, "text_model.embeddings.token_embedding.weight"),
+        Segment(prefix + "ln_final.weight", c, "text_model.final_layer_norm.weight"),
+        Segment(prefix + "ln_final.bias", c, "text_model.final_layer_norm.bias"),
+        Segment(prefix + "text_projection", c, "text_projection.weight", transpose=True),
+    ]
+    for i in range(n_layers):
+        orig, diff = f"{prefix}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for o, d in _OPENCLIP_LAYER:
+            segs += [Segment(f"{orig}{o}{p}", c, f"{diff}{d}{p}") for p in ("weight", "bias")]
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            rows = (j * hidden, (j + 1) * hidden)
+            segs.append(Segment(f"{orig}attn.in_proj_weight", c, f"{diff}self_attn.{proj}.weight", rows))
+            segs.append(Segment(f"{orig}attn.in_proj_bias", c, f"{diff}self_attn.{proj}.bias", rows))
+    return segs
+
+
+def flux_segments(prefix: str, n_double: int, n_single: int, inner: int, mlp: int,
+                  guidance: bool) -> list[Segment]:
+    """FLUX.1 transformer, original BFL layout ↔ diffusers ``FluxTransformer2DModel``.
+
+    Written by hand because diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` hard-codes the
+    full width (3072) and only reads; tests compare both on full-width probe tensors.
+    """
+    c = "transformer"
+    segs: list[Segment] = []
+
+    def pair(orig: str, diff: str) -> None:
+        segs.extend(Segment(f"{prefix}{orig}.{p}", c, f"{diff}.{p}") for p in ("weight", "bias"))
+
+    def split(orig: str, diffs: list[str], sizes: list[int]) -> None:
+        start = 0
+        for diff, size in zip(diffs, sizes, strict=True):
+            rows = (start, start + size)
+            segs.extend(Segment(f"{prefix}{orig}.{p}", c, f"{diff}.{p}", rows) for p in ("weight", "bias"))
+            start += size
+
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    if guidance:
+        embedders.append(("guidance_in", "guidance_embedder"))
+    for orig, diff in embedders:
+        pair(f"{orig}.in_layer", f"time_text_embed.{diff}.linear_1")
+        pair(f"{orig}.out_layer", f"time_text_embed.{diff}.linear_2")
+    pair("txt_in", "context_embedder")
+    pair("img_in", "x_embedder")
+    for i in range(n_double):
+        o, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        pair(o + "img_mod.lin", d + "norm1.linear")
+        pair(o + "txt_mod.lin", d + "norm1_context.linear")
+        split(o + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], [inner] * 3)
+        split(o + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], [inner] * 3)
+        for side, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            segs.append(Segment(f"{prefix}{o}{side}_attn.norm.query_norm.scale", c, f"{d}attn.{q}.weight"))
+            segs.append(Segment(f"{prefix}{o}{side}_attn.norm.key_norm.scale", c, f"{d}attn.{k}.weight"))
+        pair(o + "img_mlp.0", d + "ff.net.0.proj")
+        pair(o + "img_mlp.2", d + "ff.net.2")
+        pair(o + "txt_mlp.0", d + "ff_context.net.0.proj")
+        pair(o + "txt_mlp.2", d + "ff_context.net.2")
+        pair(o + "img_attn.proj", d + "attn.to_out.0")
+        pair(o + "txt_attn.proj", d + "attn.to_add_out")
+    for i in range(n_single):
+        o, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        pair(o + "modulation.lin", d + "norm.linear")
+        split(o + "linear1", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"],
+              [inner, inner, inner, mlp])
+        segs.append(Segment(f"{prefix}{o}norm.query_norm.scale", c, f"{d}attn.norm_q.weight"))
+        segs.append(Segment(f"{prefix}{o}norm.key_norm.scale", c, f"{d}attn.norm_k.weight"))
+        pair(o + "linear2", d + "proj_out")
+    pair("final_layer.linear", "proj_out")
+    for p in ("weight", "bias"):  # the original stores shift|scale, diffusers scale|shift
+        orig = f"{prefix}final_layer.adaLN_modulation.1.{p}"
+        segs.append(Segment(orig, c, f"norm_out.linear.{p}", (inner, 2 * inner), (0, inner)))
+        segs.append(Segment(orig, c, f"norm_out.linear.{p}", (0, inner), (inner, 2 * inner)))
+    return segs
+
+
+def _count(keys: list[str] | set[str], pattern: str) -> int:
+    import re
+
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def flux_segments_from_original(keys: list[str], shape: Any, prefix: str) -> list[Segment]:
+    """FLUX segments for an original-layout key set (``shape(key)`` gives stored shapes)."""
+    inner = int(shape(prefix + "img_in.weight")[0])
+    mlp = int(shape(prefix + "double_blocks.0.img_mlp.0.weight")[0]) if prefix + "double_blocks.0.img_mlp.0.weight" \
+        in set(keys) else 4 * inner
+    stripped = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    return flux_segments(prefix, _count(stripped, r"double_blocks\.(\d+)\."), _count(stripped, r"single_blocks\.(\d+)\."),
+                         inner, mlp, any(k.startswith("guidance_in.") for k in stripped))
+
+
+def flux_segments_from_diffusers(keys: list[str], shape: Any, prefix: str = "") -> list[Segment]:
+    """FLUX segments for a diffusers transformer key set (the original side named with ``prefix``)."""
+    inner = int(shape("x_embedder.weight")[0])
+    mlp = int(shape("transformer_blocks.0.ff.net.0.proj.weight")[0]) if "transformer_blocks.0.ff.net.0.proj.weight" \
+        in set(keys) else 4 * inner
+    return flux_segments(prefix, _count(keys, r"transformer_blocks\.(\d+)\."),
+                         _count(keys, r"single_transformer_blocks\.(\d+)\."), inner, mlp,
+                         any(k.startswith("time_text_embed.guidance_embedder.") for k in keys))
+
+
+def openclip_segments_from_original(keys: list[str], shape: Any, prefix: str) -> list[Segment]:
+    hidden = int(shape(prefix + "positional_embedding")[1])
+    stripped = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    return openclip_segments(prefix, _count(stripped, r"transformer\.resblocks\.(\d+)\."), hidden)
+
+
+def openclip_segments_from_diffusers(keys: list[str], shape: Any, prefix: str) -> list[Segment]:
+    hidden = int(shape("text_model.embeddings.position_embedding.weight")[1])
+    return openclip_segments(prefix, _count(keys, r"text_model\.encoder\.layers\.(\d+)\."), hidden)
+
+
+def original_from_segments(segs: list[Segment], tensors: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Assemble original-layout tensors from diffusers tensors keyed ``(component, key)`` (pure)."""
+    import torch
+
+    groups: dict[str, list[Segment]] = {}
+    for seg in segs:
+        if (seg.component, seg.key) in tensors:
+            groups.setdefault(seg.original, []).append(seg)
+    out: dict[str, torch.Tensor] = {}
+    for name, items in groups.items():
+        parts = []
+        for seg in sorted(items, key=lambda x: x.orig_rows[0] if x.orig_rows else 0):
+            t = tensors[(seg.component, seg.key)]
+            if seg.diff_rows is not None:
+                t = t[seg.diff_rows[0]:seg.diff_rows[1]]
+            if seg.transpose:
+                t = t.T
+            if seg.conv_1x1 and t.dim() == 2:
+                t = t[:, :, None, None]
+            parts.append(t)
+        out[name] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).contiguous()
+    return out

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from core.types import MergePlan, PlannedExpert, ValidationFailed
 from merger.errors import MergeError
+from merger.families import get_family
 from merger.pipeline import (
     PIPELINE_CACHE_SIZE,
     LoraCache,
@@ -20,6 +21,17 @@ from merger.pipeline import (
     file_identity,
     load_pipeline,
     resolve_base,
+)
+from merger.sampling import (
+    MAX_TRIGGER_WORDS,
+    diffusers_clip_skip,
+    embedding_token,
+    prompt_arguments,
+    scheduler_applied,
+    scheduler_spec,
+    strip_lora_tags,
+    textual_inversions,
+    with_trigger_words,
 )
 
 if TYPE_CHECKING:
@@ -74,10 +86,18 @@ class Generator:
         self.lora_mode: LoraMode = lora_mode
 
     def generate(self, plan: MergePlan, prompt: str | list[str], negative_prompt: str = "", seed: int = 0,
-                 steps: int = 20, guidance: float = 7.0, width: int = 512, height: int = 512,
-                 num_images: int = 1, progress: Progress | None = None,
+                 steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, progress: Progress | None = None,
+                 scheduler: str | None = None, clip_skip: int | None = None,
                  seeds: list[int] | None = None) -> GenerationResult:
         """Sample ``num_images`` per prompt from the plan's merged model.
+
+        ``steps`` and ``guidance`` default to the plan family's (:mod:`core.families`); ``width``/``height``
+        to the base model's native resolution (UNet/transformer sample size × VAE scale, as diffusers does).
+        ``scheduler`` (a diffusers class or an A1111 name such as ``"DPM++ 2M Karras"``) and ``clip_skip``
+        (A1111 convention) default to the plan's; the chosen LoRAs' trigger words are appended to the
+        prompt, ``<lora:…>`` tags removed from it, and weights ``(word:1.2)`` or prompts over 77 tokens
+        are encoded with compel (:mod:`merger.sampling`).
 
         ``seeds`` (one per image, prompt-major) gives every image its own noise, so an image does not depend
         on the batch it was sampled in; otherwise ``seed`` seeds the whole batch.
@@ -93,8 +113,19 @@ class Generator:
             raise ValidationFailed("prompt must not be empty")
         if any(len(p) > MAX_SAMPLER_PROMPT_CHARS for p in prompts):
             raise ValidationFailed(f"prompt longer than {MAX_SAMPLER_PROMPT_CHARS} characters")
-        if steps < 1 or num_images < 1 or width % 8 or height % 8 or width < 8 or height < 8:
+        fam = get_family(plan.base_family)
+        steps = fam.steps if steps is None else steps
+        guidance = fam.guidance if guidance is None else guidance
+        if steps < 1 or num_images < 1 or any(v is not None and (v % 8 or v < 8) for v in (width, height)):
             raise ValidationFailed("steps and num_images must be ≥ 1; width and height positive multiples of 8")
+        scheduler = scheduler or plan.scheduler or None
+        clip_skip = clip_skip if clip_skip is not None else plan.clip_skip
+        diffusers_clip_skip(clip_skip, fam)  # bad values fail before any work
+        if scheduler:
+            scheduler_spec(scheduler, fam)
+        tokens = [(_local_path(e), embedding_token(e.trigger_words, e.name or e.expert_id)) for e in plan.embeddings]
+        words = [w for e in plan.loras for w in e.trigger_words[:MAX_TRIGGER_WORDS]] + [t for _, t in tokens]
+        prompts = [with_trigger_words(strip_lora_tags(p), words) for p in prompts]
         report = progress or (lambda stage, step, total: None)
         timings = {"load": 0.0, "merge": 0.0, "lora": 0.0, "sample": 0.0}
 
@@ -146,10 +177,11 @@ class Generator:
                 gen = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
             else:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            with torch.inference_mode():
+            with torch.inference_mode(), scheduler_applied(entry.pipe, scheduler, fam), \
+                    textual_inversions(entry.pipe, fam, tokens, self.settings.allow_pickle):
+                text = prompt_arguments(entry.pipe, fam, prompts, negative_prompt, clip_skip)
                 out = entry.pipe(
-                    prompt=prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                    **text, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                     num_images_per_prompt=num_images, generator=gen, output_type="pil",
                     callback_on_step_end=on_step,
                 )

@@ -170,7 +170,8 @@ def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str
                       out: Path = Path("merged.safetensors"), dtype: str = "fp16", density: float = 0.5,
                       seed: int = 0, progress: Progress | None = None, *, allow_pickle: bool = False,
                       provenance: dict[str, Any] | None = None,
-                      loras: Sequence[tuple[LoraDeltas, float]] = (), family: str | None = None) -> Path:
+                      loras: Sequence[tuple[LoraDeltas, float]] = (), family: str | None = None,
+                      link_unchanged: bool = False) -> Path:
     """Merge checkpoint experts into ``base`` tensor by tensor and write ``out``.
 
     Args:
@@ -187,6 +188,8 @@ def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str
         loras (`list[tuple[LoraDeltas, float]]`, *optional*): LoRAs (from ``merger.lora.load_lora``) fused
             into the merged weights with these strengths, in the same pass, before the cast.
         family (`str`, *optional*): the family to assume for a UNet-only base the keys cannot identify.
+        link_unchanged (`bool`, *optional*): a diffusers-directory output symlinks the base's files it does
+            not rewrite instead of copying them (the on-disk merge cache).
 
     Returns:
         `Path`: ``out``.
@@ -218,7 +221,7 @@ def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str
             if out.suffix == ".safetensors":
                 job.write_single_file(out, metadata, progress)
             elif src.layout == "diffusers":
-                job.write_diffusers_dir(out, metadata, progress)
+                job.write_diffusers_dir(out, metadata, progress, link_unchanged)
             else:
                 raise MergeError(f"{out}: a single-file base is written as one .safetensors file")
         finally:
@@ -283,8 +286,8 @@ class _MergeJob:
             return base32
         # The delta methods subtract the fp32 base first, so type promotion computes them in fp32 without an
         # upcast copy of each expert; weighted_average scales experts directly and needs fp32 copies.
-        if self.method == "weighted_average":
-            experts = [x.float() for x in experts]
+        # fp8 storage (FLUX fp8 files) has no type promotion at all: upcast it too.
+        experts = [x.float() if self.method == "weighted_average" or x.dtype.itemsize == 1 else x for x in experts]
         return merge_tensor(self.method, base32, experts, self.weights, self.density, self.seed, native, masks)
 
     def _entries(self, natives: list[str], names: dict[str, tuple[str, bool]]) -> list[tuple[str, str, tuple]]:
@@ -349,7 +352,8 @@ class _MergeJob:
         with StreamingSafetensorsWriter(out, self._entries(natives, names), metadata) as writer:
             self._stream(writer, natives, names, progress, 0, len(natives))
 
-    def write_diffusers_dir(self, out: Path, metadata: dict[str, str], progress: Progress | None) -> None:
+    def write_diffusers_dir(self, out: Path, metadata: dict[str, str], progress: Progress | None,
+                            link_unchanged: bool = False) -> None:
         src_dir = self.base.path
         partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
@@ -361,7 +365,10 @@ class _MergeJob:
                 return []
             return [n for n in names if n.endswith((".safetensors", ".bin", ".safetensors.index.json"))]
 
-        shutil.copytree(src_dir, partial, ignore=skip)
+        def link(src: str, dst: str) -> None:
+            os.symlink(os.path.abspath(src), dst)
+
+        shutil.copytree(src_dir, partial, ignore=skip, copy_function=link if link_unchanged else shutil.copy2)
         try:
             total = len(self.base.native_keys())
             done = 0
@@ -452,11 +459,25 @@ def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, 
     base_digest = source_digest(Path(base), hashes)
     expert_digests = [(source_digest(Path(p), hashes), w) for p, w in experts]
     key = merge_key(base_digest, expert_digests, method, dtype, density, seed)
+    # SD1.5 merges become one original-layout file; the other families' original layouts fuse tensors, so a
+    # diffusers base stays a diffusers directory (unchanged components linked, not copied: FLUX's T5 is 9 GB)
+    as_dir = Path(base).is_dir() and _dir_arch(Path(base)) != "sd15"
     provenance = {"base_sha256": base_digest, "expert_sha256": [d for d, _ in expert_digests], "cache_key": key}
     cache = MergeCache(Path(settings.data_dir) / "cache" / "merges", settings.merge_cache_bytes)
     return cache.get_or_build(key, lambda out: merge_checkpoints(
         Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed, progress,
-        allow_pickle=settings.allow_pickle, provenance=provenance))
+        allow_pickle=settings.allow_pickle, provenance=provenance, link_unchanged=as_dir), directory=as_dir)
+
+
+def _dir_arch(path: Path) -> str:
+    from merger.families import family_for_pipeline_class
+
+    try:
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return ""
+    fam = family_for_pipeline_class(class_name)
+    return fam.arch if fam is not None else ""
 
 
 def _swap_in(base: Path, experts: list[tuple[Path, float]], method: str, allow_pickle: bool) -> Path | None:

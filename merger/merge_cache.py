@@ -1,6 +1,7 @@
 """The merge cache (``<data_dir>/cache/merges``): merged checkpoints by recipe hash, bounded in size.
 
-An SD1.5 merge is about 2 GB, so the cache keeps at most ``DIFFGRAPH_MERGE_CACHE_BYTES`` (default
+An SD1.5 merge is one file of about 2 GB; an SDXL/FLUX merge of a diffusers base is a directory whose
+unchanged components are symlinks to the base (only its own files count toward the bound). An SD1.5 merge is about 2 GB, so the cache keeps at most ``DIFFGRAPH_MERGE_CACHE_BYTES`` (default
 20 GiB) and evicts the least recently used merges first; each use stamps the file's access time itself
 (``os.utime``), since file systems mounted ``noatime``/``relatime`` do not.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,20 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 STALE_PARTIAL_S = 600.0  # a writer appends continuously; a partial file untouched this long is orphaned
+
+
+def _size(path: Path) -> int:
+    """Bytes an entry holds: a file's size, or a directory's own files (symlinks to the base not counted)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def touch(path: Path) -> None:
@@ -41,22 +57,23 @@ class MergeCache:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
 
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}{SUFFIX}"
+    def path(self, key: str, directory: bool = False) -> Path:
+        return self.root / (key if directory else f"{key}{SUFFIX}")
 
-    def get_or_build(self, key: str, build: Callable[[Path], Path]) -> Path:
-        """The cached merge ``key``, built with ``build(out)`` by exactly one process if missing."""
+    def get_or_build(self, key: str, build: Callable[[Path], Path], directory: bool = False) -> Path:
+        """The cached merge ``key`` (a file, or a diffusers ``directory``), built with ``build(out)`` by
+        exactly one process if missing."""
         from filelock import FileLock
 
-        out = self.path(key)
-        if out.is_file():
+        out = self.path(key, directory)
+        if out.exists():
             touch(out)
             return out
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / f".{key}.lock"):
-            if not out.is_file():  # nobody built it while this process waited for the lock
+            if not out.exists():  # nobody built it while this process waited for the lock
                 for partial in self.root.glob(f".{out.name}.partial-*"):  # a dead builder's leftovers
-                    partial.unlink(missing_ok=True)
+                    _remove(partial)
                 build(out)
         touch(out)
         self.evict(keep=out)
@@ -65,12 +82,13 @@ class MergeCache:
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last use, size, path) of every complete merge, least recently used first."""
         out = []
-        for p in self.root.glob(f"*{SUFFIX}"):
+        for p in self.root.iterdir() if self.root.is_dir() else []:
+            if p.name.startswith(".") or not (p.is_dir() or p.name.endswith(SUFFIX)):
+                continue  # locks and partial writes
             try:
-                st = p.stat()
+                out.append((p.stat().st_atime, _size(p), p))
             except FileNotFoundError:
                 continue
-            out.append((st.st_atime, st.st_size, p))
         return sorted(out)
 
     def evict(self, keep: Path | None = None) -> list[Path]:
@@ -81,10 +99,10 @@ class MergeCache:
         removed: list[Path] = []
         with FileLock(self.root / ".evict.lock"):
             now = time.time()
-            for partial in self.root.glob(f".*{SUFFIX}.partial-*"):
+            for partial in self.root.glob(".*.partial-*"):
                 try:
                     if now - partial.stat().st_mtime >= STALE_PARTIAL_S:
-                        partial.unlink(missing_ok=True)
+                        _remove(partial)
                 except FileNotFoundError:
                     pass
             entries = self.entries()
@@ -94,7 +112,7 @@ class MergeCache:
                     break
                 if keep is not None and path == keep:
                     continue
-                path.unlink(missing_ok=True)
+                _remove(path)
                 total -= size
                 removed.append(path)
         if removed:

@@ -243,3 +243,69 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CorruptWeights(f"{path.name}: pickle holds no tensors")
     return tensors
+
+
+class ShardedWeightFile:
+    """A diffusers sharded component (``*.safetensors.index.json`` + shards) read as one :class:`WeightFile`.
+
+    ``path`` names the unsharded file the component would have, so writers produce one file in its place.
+    """
+
+    def __init__(self, index: Path) -> None:
+        self.index = Path(index)
+        try:
+            weight_map = json.loads(self.index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CorruptWeights(f"{self.index.name}: unreadable shard index") from None
+        self.path = self.index.parent / self.index.name.replace(".safetensors.index.json", ".safetensors")
+        self.metadata: dict[str, str] = {}
+        self._shards: dict[str, WeightFile] = {}
+        self._where: dict[str, WeightFile] = {}
+        try:
+            for key, shard in weight_map.items():
+                if "/" in shard or shard.startswith("."):
+                    raise CorruptWeights(f"{self.index.name}: shard name {shard!r} leaves the folder")
+                if shard not in self._shards:
+                    self._shards[shard] = open_weights(self.index.parent / shard)
+                if key not in self._shards[shard]:
+                    raise CorruptWeights(f"{self.index.name}: {key!r} is not in {shard}")
+                self._where[key] = self._shards[shard]
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype_name(self, key: str) -> str:
+        return self._where[key].dtype_name(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get(key)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+    def __enter__(self) -> ShardedWeightFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_sharded(index: Path | str) -> WeightFile:
+    """Open a sharded safetensors component through its index (typed as a WeightFile: same interface)."""
+    return ShardedWeightFile(Path(index))  # type: ignore[return-value]

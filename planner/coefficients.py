@@ -150,6 +150,8 @@ def planned(
                 std=round(b.std, 6) if b else None,
                 reason=ch.reason,
                 sha256=e.primary_file.sha256 if e.primary_file else None,
+                # added to the sampled prompt (merger.sampling); shown in ``plan --json``
+                trigger_words=[w[:100] for w in e.trained_words[:8]] if kind_group != "checkpoint" else [],
             )
         )
     return out

@@ -150,8 +150,12 @@ QUALITY_TERMS = (
     "photorealism",
     "realism",
 )
-FAMILY_HINTS: tuple[tuple[str, Literal["sd15", "sd2", "sdxl", "flux"]], ...] = (
-    (r"\bsd\s*xl\b|\bsdxl\b|\bxl\b|\bpony\b|\billustrious\b", "sdxl"),
+FAMILY_HINTS: tuple[tuple[str, str], ...] = (  # names from core.families
+    (r"\bpony\b", "pony"),
+    (r"\billustrious\b", "illustrious"),
+    (r"\bnoobai\b", "noobai"),
+    (r"\bsd\s*xl\b|\bsdxl\b|\bxl\b", "sdxl"),
+    (r"\bflux(?:\.1)?[\s-]*schnell\b", "flux-schnell"),
     (r"\bflux(?:\.1)?\b", "flux"),
     (r"\bsd\s*1\.[45]\b|\bsd15\b|\bstable diffusion 1\.[45]\b", "sd15"),
     (r"\bsd\s*2(?:\.[01])?\b|\bsd2\b|\bstable diffusion 2(?:\.[01])?\b", "sd2"),

@@ -14,7 +14,7 @@ MAX_TERMS = 12
 MAX_TERM_CHARS = 80
 
 Term = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TERM_CHARS)]
-Family = Literal["sd15", "sd2", "sdxl", "flux"]
+Family = Literal["sd15", "sd2", "sdxl", "pony", "illustrious", "noobai", "flux", "flux-schnell"]  # core.families
 
 
 class Requirements(BaseModel):

@@ -28,6 +28,10 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
             monkeypatch.delenv(key)
     monkeypatch.setenv("DIFFGRAPH_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("DIFFGRAPH_CONFIG", str(tmp_path / "none.toml"))
+    # the tiny models' explicit budget (real models get their family's defaults, core.families)
+    for key, value in (("CALIB_STEPS", "4"), ("CALIB_SIZE", "64"), ("GEN_STEPS", "20"), ("GEN_SIZE", "512"),
+                       ("GEN_GUIDANCE", "7.0")):
+        monkeypatch.setenv(f"DIFFGRAPH_{key}", value)
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
-KNOWN_FAMILIES = ("sd15", "sd2", "sdxl", "flux")
+from core.families import FAMILIES
 
-# Civitai spellings. Pony, Illustrious and NoobAI are SDXL-architecture fine-tunes: their LoRAs load into an
-# SDXL UNet, so for merging purposes they are the sdxl family (the raw string stays on the expert, so a
-# planner can still prefer same-lineage experts).
+KNOWN_FAMILIES = tuple(FAMILIES)
+
+# Civitai spellings. Pony, Illustrious and NoobAI are SDXL-architecture fine-tunes but families of their own
+# (core.families): their LoRAs load into an SDXL UNet, yet a Pony LoRA on Illustrious is a mistake.
 _CIVITAI = {
     "sd 1.4": "sd15",
     "sd 1.5": "sd15",
@@ -26,20 +27,24 @@ _CIVITAI = {
     "sdxl lightning": "sdxl",
     "sdxl hyper": "sdxl",
     "sdxl distilled": "sdxl",
-    "pony": "sdxl",
-    "illustrious": "sdxl",
-    "noobai": "sdxl",
+    "pony": "pony",
+    "illustrious": "illustrious",
+    "noobai": "noobai",
     "flux.1 d": "flux",
-    "flux.1 s": "flux",
+    "flux.1 s": "flux-schnell",
     "flux.1 dev": "flux",
-    "flux.1 schnell": "flux",
+    "flux.1 schnell": "flux-schnell",
 }
 
 # Hugging Face base repositories (lower-cased repo ids).
 _HF_PATTERNS = (
     (re.compile(r"(stable-diffusion-v1-[45]|sd-v1-[45]|stable-diffusion-v-?1)"), "sd15"),
     (re.compile(r"stable-diffusion-2(-1)?(-base)?$|stable-diffusion-2-1"), "sd2"),
-    (re.compile(r"stable-diffusion-xl|sdxl|pony|illustrious|noobai"), "sdxl"),
+    (re.compile(r"pony"), "pony"),
+    (re.compile(r"illustrious"), "illustrious"),
+    (re.compile(r"noobai"), "noobai"),
+    (re.compile(r"stable-diffusion-xl|sdxl"), "sdxl"),
+    (re.compile(r"flux\.?1-schnell"), "flux-schnell"),
     (re.compile(r"flux\.?1|black-forest-labs/flux"), "flux"),
 )
 

@@ -705,6 +705,7 @@ class EmbeddedGraphStore:
         by_label = dict(self._engine.execute(q.EXPERT_LABEL_COUNTS_QUERY))
         nodes["Checkpoint"] = int(by_label.get("Checkpoint", 0))
         nodes["LoRA"] = int(by_label.get("LoRA", 0))
+        nodes["Embedding"] = int(by_label.get("Embedding", 0))
         return GraphStats(
             nodes={label: nodes[label] for label in NODE_LABELS},
             relationships={

@@ -28,7 +28,7 @@ PROPERTY_KEYS = (
     "scorer_version", "created_at", "updated_at", "popularity", "category", "text", "set_version", "prompt",
     "score", "coefficient", "record_hash", "commercial_use_ok",
 )  # fmt: skip
-EXPERT_LABELS = ("Checkpoint", "LoRA")  # the kind-specific second label of an :Expert
+EXPERT_LABELS = ("Checkpoint", "LoRA", "Embedding")  # the kind-specific second label of an :Expert
 
 
 def quote_identifier(name: str, allowed: Iterable[str]) -> str:
@@ -135,21 +135,23 @@ EMBEDDING_DIM_QUERY = (
 
 
 def _upsert_experts_query(label: str) -> str:
-    other = next(x for x in EXPERT_LABELS if x != label)
+    others = ":".join(_label(x) for x in EXPERT_LABELS if x != label)
     # ``row.props`` is the complete property map Python decided on (calibration fields included); a null
     # value removes the property. The kind label is swapped when an expert changes kind.
     return (
         "UNWIND $rows AS row\n"
         "MERGE (e:Expert {id: row.id})\n"
         f"SET e += row.props, e:{_label(label)}\n"
-        f"REMOVE e:{_label(other)}\n"
+        f"REMOVE e:{others}\n"
         "RETURN count(e) AS written"
     )
 
 
 UPSERT_CHECKPOINT_EXPERTS_QUERY = _upsert_experts_query("Checkpoint")
 UPSERT_LORA_EXPERTS_QUERY = _upsert_experts_query("LoRA")
-_UPSERT_EXPERTS_BY_LABEL = {"Checkpoint": UPSERT_CHECKPOINT_EXPERTS_QUERY, "LoRA": UPSERT_LORA_EXPERTS_QUERY}
+UPSERT_EMBEDDING_EXPERTS_QUERY = _upsert_experts_query("Embedding")  # textual inversions
+_UPSERT_EXPERTS_BY_LABEL = {"Checkpoint": UPSERT_CHECKPOINT_EXPERTS_QUERY, "LoRA": UPSERT_LORA_EXPERTS_QUERY,
+                            "Embedding": UPSERT_EMBEDDING_EXPERTS_QUERY}
 
 
 def upsert_experts_query(label: str) -> str:

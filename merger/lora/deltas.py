@@ -130,9 +130,11 @@ class LoraDeltas:
 
 
 def infer_family(deltas: Mapping[str, LoraDelta]) -> str | None:
-    """The SD family told by the cross-attention width of ``attn2.to_k`` (768 → sd15, 1024 → sd2, 2048 → sdxl)."""
+    """The architecture told by the keys (FLUX: a ``transformer``) or the cross-attention width of ``attn2.to_k`` (768 → sd15, 1024 → sd2, 2048 → sdxl)."""
     if any(key.startswith("text_encoder_2.") for key in deltas):
         return "sdxl"
+    if any(key.startswith("transformer.") for key in deltas):
+        return "flux"
     for key, delta in deltas.items():
         if key.startswith("unet.") and key.endswith("attn2.to_k"):
             width = delta.numel // delta.out_features

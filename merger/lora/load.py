@@ -34,4 +34,11 @@ def load_lora(path: Path | str, allow_pickle: bool = False, name: str | None = N
     with open_weights(path, allow_pickle=allow_pickle) as wf:
         state_dict = {key: wf.get(key) for key in wf.keys()}
         metadata = dict(wf.metadata)
+    config = path.parent / "adapter_config.json"
+    if "lora_adapter_metadata" not in metadata and config.is_file() and config.stat().st_size < _MAX_CONFIG_BYTES:
+        # PeftModel.save_pretrained keeps lora_alpha (and alpha_pattern, use_rslora) in this side file
+        metadata["peft_adapter_config"] = config.read_text(encoding="utf-8", errors="replace")
     return normalize_lora(state_dict, metadata, label)
+
+
+_MAX_CONFIG_BYTES = 1 << 20

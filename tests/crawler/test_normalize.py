@@ -36,10 +36,10 @@ API = "https://civitai.com/api/v1"
         ("SD 2.1", "sd2", True),
         ("SD 2.1 768", "sd2", True),
         ("SDXL 1.0", "sdxl", True),
-        ("Pony", "sdxl", True),
-        ("Illustrious", "sdxl", True),
+        ("Pony", "pony", True),
+        ("Illustrious", "illustrious", True),
         ("Flux.1 D", "flux", True),
-        ("Flux.1 S", "flux", True),
+        ("Flux.1 S", "flux-schnell", True),
         ("runwayml/stable-diffusion-v1-5", "sd15", True),
         ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", True),
         ("black-forest-labs/FLUX.1-dev", "flux", True),
@@ -56,7 +56,8 @@ def test_kinds() -> None:
     assert normalize_kind("LORA") is ExpertKind.lora
     assert normalize_kind("LoCon") is ExpertKind.locon
     assert normalize_kind("Checkpoint") is ExpertKind.checkpoint
-    assert normalize_kind("TextualInversion") is None
+    assert normalize_kind("TextualInversion") is ExpertKind.embedding
+    assert normalize_kind("VAE") is None
 
 
 def test_html_is_stripped_of_scripts_and_capped() -> None:
@@ -114,7 +115,7 @@ def test_2025_illustrious_item() -> None:
     model = load_json("model_1580878.json")
     fields, _ = normalize_civitai(model, model["modelVersions"][0], API)
     e = Expert(**fields)
-    assert (e.base_model, e.base_family) == ("Illustrious", "sdxl")
+    assert (e.base_model, e.base_family) == ("Illustrious", "illustrious")
     assert e.allow_commercial_use == "Image,Rent,RentCivit,Sell"
     assert e.nsfw_level == 7 and e.nsfw is False  # PG|PG-13|R bits only: not explicit
 

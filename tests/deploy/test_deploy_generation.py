@@ -149,3 +149,14 @@ def test_cli_generate_runs_in_process(gen_settings, tiny_zoo, monkeypatch) -> No
     failed = json.loads(res.stdout.splitlines()[0])
     assert failed["status"] == "FAILURE" and failed["error"]
     assert _generations(settings) == (1, 2)  # only the successful one: checkpoint + LoRA
+
+
+def test_explicit_plan_of_another_family_is_refused(gen_settings) -> None:
+    from core.types import ValidationFailed
+
+    settings, experts = gen_settings
+    plan = explicit_plan(experts)
+    plan["base_family"] = "pony"  # the zoo's experts are sd15: a plan never mixes families
+    with pytest.raises(ValidationFailed, match="sd15 expert but the plan's base family is pony"):
+        run_generation(settings, "job-fam", "a red fox", {**SMALL, "plan": plan})
+    assert _rows(settings, "job-fam") == []

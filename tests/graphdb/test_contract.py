@@ -490,6 +490,7 @@ def test_stats_counts_labels(store):
         "Expert": 3,
         "Checkpoint": 1,
         "LoRA": 2,
+        "Embedding": 0,
         "BaseModel": 2,
         "Tag": 2,
         "Creator": 2,

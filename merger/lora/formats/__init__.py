@@ -4,6 +4,7 @@
 |---|---|---|
 | cloneofsimo ``lora_diffusion`` | ``unet:<i>:down`` / ``text_encoder:<i>:down`` | :func:`.cloneofsimo.convert_cloneofsimo_to_diffusers` |
 | kohya / LyCORIS (LoRA, LoCon, LoHa, LoKr) | ``lora_unet_…`` / ``lora_te…`` with ``.lora_down.weight``, ``.hada_w1_a``, ``.lokr_w1[_a]`` | :func:`.kohya.convert_kohya_to_diffusers` |
+| kohya FLUX / XLabs FLUX | ``lora_unet_double_blocks_…`` / ``double_blocks.<i>.processor.…`` | :mod:`.flux` (diffusers' converters) |
 | diffusers / PEFT / attention processors | ``….lora_A.weight``, ``….lora.down.weight``, ``…_lora.down.weight`` | :func:`.diffusers.convert_diffusers_to_diffusers` |
 
 Converters are pure: no I/O, no mutation of their inputs, no device moves. They return leftover keys, which
@@ -22,6 +23,12 @@ from merger.lora.deltas import LoraDelta, LoraDeltas, infer_family
 from merger.lora.formats.cloneofsimo import SENTINEL as _CLONEOFSIMO_KEY
 from merger.lora.formats.cloneofsimo import UnmappableCloneofsimo, convert_cloneofsimo_to_diffusers
 from merger.lora.formats.diffusers import convert_diffusers_to_diffusers
+from merger.lora.formats.flux import (
+    convert_kohya_flux_to_diffusers,
+    convert_xlabs_flux_to_diffusers,
+    is_kohya_flux,
+    is_xlabs_flux,
+)
 from merger.lora.formats.kohya import PREFIXES as _KOHYA_PREFIXES
 from merger.lora.formats.kohya import convert_kohya_to_diffusers
 
@@ -53,6 +60,8 @@ def _is_diffusers(keys: Collection[str]) -> bool:
 FORMATS: tuple[LoraFormat, ...] = (
     LoraFormat("cloneofsimo", lambda keys: any(_CLONEOFSIMO_KEY.match(k) for k in keys),
                convert_cloneofsimo_to_diffusers),
+    LoraFormat("kohya_flux", is_kohya_flux, convert_kohya_flux_to_diffusers),
+    LoraFormat("xlabs_flux", is_xlabs_flux, convert_xlabs_flux_to_diffusers),
     LoraFormat("kohya", _is_kohya, convert_kohya_to_diffusers),
     LoraFormat("diffusers", _is_diffusers, convert_diffusers_to_diffusers),
 )

@@ -32,11 +32,16 @@ _SUFFIXES = {
     ".alpha": ("alpha", ""),
 }
 _ATTN_PROC = re.compile(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)$")
+_PEFT_WRAPPER = "base_model.model."
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def _module_name(stem: str, layout: str) -> str:
     """Turn a key stem into ``<component>.<diffusers module path>``."""
+    if stem.startswith(_PEFT_WRAPPER):  # a raw ``PeftModel.save_pretrained`` file names no component
+        stem = stem[len(_PEFT_WRAPPER):]
+        if stem.startswith(("text_model.", "encoder.layers.")):
+            stem = "text_encoder." + stem
     component = stem.split(".", 1)[0]
     if component not in COMPONENTS:  # unet-only saves (attn procs, old scripts) carry no prefix
         stem, component = f"unet.{stem}", "unet"
@@ -54,14 +59,21 @@ def _module_name(stem: str, layout: str) -> str:
 
 def _peft_alpha(metadata: Mapping[str, str], module: str) -> tuple[float | None, bool]:
     """(alpha, use_rslora) for a module from diffusers' ``lora_adapter_metadata``, if present."""
+    component, _, path = module.partition(".")
     raw = metadata.get("lora_adapter_metadata")
+    if not raw and metadata.get("peft_adapter_config"):
+        # the adapter_config.json beside a raw PeftModel save: one config for the file's one component
+        try:
+            plain = json.loads(metadata["peft_adapter_config"])
+        except json.JSONDecodeError:
+            return None, False
+        raw = json.dumps({f"{component}.{k}": v for k, v in plain.items()}) if isinstance(plain, dict) else ""
     if not raw:
         return None, False
     try:
         config = json.loads(raw)
     except json.JSONDecodeError:
         return None, False
-    component, _, path = module.partition(".")
     alpha = config.get(f"{component}.lora_alpha")
     for pattern, value in (config.get(f"{component}.alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?{re.escape(pattern)}$", path):

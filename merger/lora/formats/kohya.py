@@ -71,6 +71,47 @@ def kohya_name_to_diffusers(name: str) -> str | None:
     return f"{component}.{'.'.join(segments)}"
 
 
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+#: Inner names of the original (SGM/LDM) UNet that diffusers' block remapping leaves as they are.
+_SGM_INNER = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+              ("lora_unet_output_blocks_", "lora_unet_up_blocks_"), ("_in_layers_2", "_conv1"), ("_out_layers_3", "_conv2"), ("_emb_layers_1", "_time_emb_proj"),
+              ("_skip_connection", "_conv_shortcut"), ("_downsamplers_0_op", "_downsamplers_0_conv"))
+_SGM_TOP = (("lora_unet_time_embed_0", "lora_unet_time_embedding_linear_1"),
+            ("lora_unet_time_embed_2", "lora_unet_time_embedding_linear_2"),
+            ("lora_unet_label_emb_0_0", "lora_unet_add_embedding_linear_1"),
+            ("lora_unet_label_emb_0_2", "lora_unet_add_embedding_linear_2"),
+            ("lora_unet_input_blocks_0_0", "lora_unet_conv_in"), ("lora_unet_out_2", "lora_unet_conv_out"))
+
+
+def convert_sgm_names_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL kohya files name UNet modules by the original blocks (``lora_unet_input_blocks_4_1_…``).
+
+    Block indices are remapped by diffusers' own ``_maybe_map_sgm_blocks_to_diffusers`` (with SDXL's two
+    layers per block, which every SDXL-architecture model has); the resnet-internal names it leaves are
+    renamed here as its ``_convert_unet_lora_key`` does. Returns a new dict (the input is not modified).
+    """
+    from types import SimpleNamespace
+
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    top = {}
+    rest = {}
+    for key, tensor in state_dict.items():
+        hit = next(((o, n) for o, n in _SGM_TOP if key.startswith(o + ".")), None)
+        if hit is not None:
+            top[hit[1] + key[len(hit[0]):]] = tensor
+        else:
+            rest[key] = tensor
+    mapped = _maybe_map_sgm_blocks_to_diffusers(rest, SimpleNamespace(layers_per_block=2))
+    out = dict(top)
+    for key, tensor in mapped.items():
+        module, dot, suffix = key.partition(".")
+        for old, new in _SGM_INNER:
+            module = module.replace(old, new)
+        out[module + dot + suffix] = tensor
+    return out
+
+
 def convert_kohya_to_diffusers(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> tuple[str, dict[str, LoraDelta], dict[str, torch.Tensor], list[str]]:
@@ -80,6 +121,8 @@ def convert_kohya_to_diffusers(
     """
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     leftover: list[str] = []
+    if any(k.startswith("lora_unet_") and any(p in k for p in _SGM_BLOCKS) for k in state_dict):
+        state_dict = convert_sgm_names_to_diffusers(state_dict)
     for key, tensor in state_dict.items():
         module, _, suffix = key.partition(".")
         if not suffix or kohya_name_to_diffusers(module) is None:
