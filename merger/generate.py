@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.prompt_syntax import strip_network_tags
 from core.types import MergePlan, PlannedExpert, ValidationFailed
 from merger.errors import MergeError
 from merger.pipeline import (
@@ -89,6 +90,8 @@ class Generator:
             raise ValidationFailed("prompt must not be empty")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
             raise ValidationFailed(f"prompt longer than {MAX_PROMPT_CHARS} characters")
+        # <lora:name:w> tags were taken into the plan by ESA; the text encoder must not see them
+        prompts = [strip_network_tags(p) or p for p in prompts]
         if steps < 1 or num_images < 1 or width % 8 or height % 8 or width < 8 or height < 8:
             raise ValidationFailed("steps and num_images must be ≥ 1; width and height positive multiples of 8")
         report = progress or (lambda stage, step, total: None)
