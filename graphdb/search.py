@@ -72,7 +72,7 @@ class SearchCorpus:
     """Experts sorted by id with the arrays retrieval scores and filters on."""
 
     version: str
-    experts: list[Expert]
+    experts: list[Expert]  # without their embedding (one float matrix holds those; see ``expert``)
     dense: np.ndarray  # (n, d) L2-normalised float32; zero rows for experts without an embedding
     has_embedding: np.ndarray
     labels: np.ndarray  # "Checkpoint" | "LoRA"
@@ -94,6 +94,11 @@ class SearchCorpus:
     @property
     def dim(self) -> int:
         return int(self.dense.shape[1])
+
+    def expert(self, row: int) -> Expert:
+        """The expert of ``row`` with its (normalised) embedding attached."""
+        e = self.experts[row]
+        return e.model_copy(update={"embedding": self.dense[row].tolist()}) if self.has_embedding[row] else e
 
     def slice_mask(self, kind: ExpertKind | str | None, family: str | None) -> np.ndarray:
         """Rows of one kind group (``None``: all; adapters are one group) and base family (cached)."""
@@ -206,7 +211,8 @@ def build_corpus(experts: Sequence[Expert], version: str = "") -> SearchCorpus:
         bm25.index([tokenize(lexical_text(e)) or ["_"] for e in ordered], show_progress=False)
     return SearchCorpus(
         version=version,
-        experts=ordered,
+        # a Python float list per expert would cost ~12 KB each (1.2 GB at 100k experts)
+        experts=[e.model_copy(update={"embedding": None}) for e in ordered],
         dense=dense,
         has_embedding=has,
         labels=np.asarray([e.label for e in ordered], dtype=object),

@@ -226,7 +226,7 @@ def rank_groups(
                     break
                 continue
             groups[key] = []
-        groups[key].append(Candidate(corpus.experts[row], by_row[row]))
+        groups[key].append(Candidate(corpus.expert(row), by_row[row]))
     return list(groups.values())
 
 
