@@ -345,7 +345,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--fixtures", type=Path, default=None, help="the dfanr_CivitaiModelList directory")
     args = ap.parse_args()
+    global CIVITAI
+    CIVITAI = args.fixtures or CIVITAI
 
     import torch
 
