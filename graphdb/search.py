@@ -82,6 +82,7 @@ class SearchCorpus:
     derivatives: np.ndarray
     popularity: np.ndarray  # clipped to [0, 1]
     model_keys: np.ndarray
+    model_codes: np.ndarray  # int code per model key (versions of one model share it)
     bm25: Any  # bm25s.BM25 or None when the corpus is empty
     triggers: list[tuple[str, ...]]  # normalised trained words per expert
     _masks: dict[tuple[str | None, str | None], np.ndarray] = field(default_factory=dict)
@@ -205,6 +206,7 @@ def build_corpus(experts: Sequence[Expert], version: str = "") -> SearchCorpus:
             dense[i] = e.embedding
             has[i] = True
     dense /= np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-12)
+    keys = np.asarray([model_key(e) for e in ordered], dtype=object)
     bm25 = None
     if ordered:
         bm25 = bm25s.BM25()
@@ -221,7 +223,9 @@ def build_corpus(experts: Sequence[Expert], version: str = "") -> SearchCorpus:
         commercial=np.asarray([commercial_use_ok(e.allow_commercial_use) for e in ordered], dtype=bool),
         derivatives=np.asarray([e.allow_derivatives for e in ordered], dtype=bool),
         popularity=np.clip(np.asarray([e.popularity for e in ordered], dtype=np.float32), 0.0, 1.0),
-        model_keys=np.asarray([model_key(e) for e in ordered], dtype=object),
+        model_keys=keys,
+        model_codes=np.unique(keys.astype(str), return_inverse=True)[1].astype(np.int64) if len(keys) else
+        np.zeros(0, dtype=np.int64),
         bm25=bm25,
         triggers=[_normalised_triggers(e) for e in ordered],
     )

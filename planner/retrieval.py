@@ -194,12 +194,13 @@ def fused_scores(corpus: SearchCorpus, rows: np.ndarray, query: Query) -> np.nda
     """The fused score (module docstring) of the corpus ``rows`` for ``query``."""
     if len(rows) == 0:
         return np.zeros(0, dtype=np.float32)
-    emb = corpus.dense[rows]
-    s_prompt = emb @ query.prompt_vec
-    s_terms = (emb @ query.term_vecs.T).max(axis=1) if len(query.term_vecs) else s_prompt
+    emb = corpus.dense  # products over the whole matrix, then rows: a row slice would copy it per query
+    s_prompt = (emb @ query.prompt_vec)[rows]
+    s_terms = (emb @ query.term_vecs.T)[rows].max(axis=1) if len(query.term_vecs) else s_prompt
     score = (1 - TERM_WEIGHT) * s_prompt + TERM_WEIGHT * s_terms
     if len(query.avoid_vecs):
-        score -= AVOID_PENALTY * np.clip((emb @ query.avoid_vecs.T).max(axis=1) - AVOID_FLOOR, 0.0, None)
+        avoid = (emb @ query.avoid_vecs.T)[rows].max(axis=1)
+        score -= AVOID_PENALTY * np.clip(avoid - AVOID_FLOOR, 0.0, None)
     lexical = corpus.lexical_scores(query.tokens)[rows]
     top = float(lexical.max()) if len(lexical) else 0.0
     if top > 0:
@@ -231,18 +232,16 @@ def rank_groups(
     if len(rows) == 0:
         return []
     scores = np.round(fused_scores(corpus, rows, query), 6)
-    order = rows[np.lexsort((rows, -scores))]  # rows are in id order: ties go to the smaller id
-    by_row = dict(zip(rows.tolist(), scores.tolist(), strict=True))
-    groups: dict[str, list[Candidate]] = {}
-    for row in order.tolist():
-        key = corpus.experts[row].id if all_versions else corpus.model_keys[row]
-        if key not in groups:
-            if len(groups) >= k:
-                if all_versions:
-                    break
-                continue
-            groups[key] = []
-        groups[key].append(Candidate(corpus.expert(row), by_row[row]))
+    pos = np.lexsort((rows, -scores))  # rows are in id order: ties go to the smaller id
+    order, ordered = rows[pos], scores[pos]
+    if all_versions:
+        return [[Candidate(corpus.expert(int(r)), float(v))] for r, v in zip(order[:k], ordered[:k], strict=True)]
+    codes = corpus.model_codes[order]
+    _, first = np.unique(codes, return_index=True)  # where each model's best version sits in the order
+    chosen = codes[np.sort(first)[:k]]
+    groups: dict[int, list[Candidate]] = {int(c): [] for c in chosen}
+    for i in np.nonzero(np.isin(codes, chosen))[0]:  # every version of a chosen model, best first
+        groups[int(codes[i])].append(Candidate(corpus.expert(int(order[i])), float(ordered[i])))
     return list(groups.values())
 
 
