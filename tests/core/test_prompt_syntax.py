@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.prompt_syntax import (
@@ -49,6 +49,7 @@ def test_offline_parser_shares_the_clean_up() -> None:
     assert not any("lora" in t or "foxstyle" in t or "break" in t for t in terms)
 
 
+@settings(max_examples=50, deadline=None)
 @given(st.text(max_size=300))
 def test_clean_up_never_raises_and_is_bounded(text: str) -> None:
     for fn in (clean_query, strip_syntax, strip_network_tags):
