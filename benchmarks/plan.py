@@ -12,6 +12,8 @@
    tag or whose ``meta.resources``/``meta.hashes`` name a registered LoRA, the query is the image prompt
    with ``<lora:…>`` tags and that LoRA's trained words removed. Recall@5/10 of that LoRA: our retrieval
    (fused score) vs plain cosine of the prompt embedding (``GraphStore.candidates``) in the same run.
+   Only showcase images with even ids are read (odd ids are the held-out test split of
+   ``benchmarks/retrieval.py``, which measures retrieval on the crawled dev split).
 
 Usage: ``python benchmarks/plan.py [--experts 10000] [--runs 40] [--threads 1] [--skip-latency]``.
 """
@@ -53,6 +55,13 @@ def _text(desc: str | None) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", desc or ""))).strip()
 
 
+def _even_id(image: object) -> bool:
+    try:
+        return isinstance(image, dict) and int(image.get("id")) % 2 == 0
+    except (TypeError, ValueError):
+        return False
+
+
 def civitai_experts(embedder) -> tuple[list[Expert], list[dict]]:
     """Experts (first version of each model) and the raw LoRA items, from the fixture JSONL files."""
     experts: list[Expert] = []
@@ -63,6 +72,8 @@ def civitai_experts(embedder) -> tuple[list[Expert], list[dict]]:
     ):
         for line in (CIVITAI / fname).read_text(encoding="utf-8").splitlines():
             item = json.loads(line)
+            for version in item["modelVersions"]:  # odd image ids are the held-out test split: never read
+                version["images"] = [im for im in version.get("images") or [] if _even_id(im)]
             v = item["modelVersions"][0]
             trained = [w.strip() for w in v.get("trainedWords") or [] if w and w.strip()][:20]
             skill = ". ".join(
@@ -180,13 +191,7 @@ def retrieval_quality(embedder) -> dict:
         qvecs = embedder.encode([q for q, _ in queries])
         for (text, target), qvec in zip(queries, qvecs, strict=True):
             per_lora[target] = per_lora.get(target, 0) + 1
-            req = parse_offline(text)
-            terms = req.positive_terms()
-            tvecs = embedder.encode(terms) if terms else np.zeros((0, qvec.shape[0]), np.float32)
-            avecs = (
-                embedder.encode(list(req.avoid)) if req.avoid else np.zeros((0, qvec.shape[0]), np.float32)
-            )
-            query = Query(text, qvec, tvecs, avecs)
+            query = Query.build(embedder, text, parse_offline(text))
             ours = [c.expert.id for c in rank_experts(store, query, "lora", None, 10, filters)]
             plain = [c.expert.id for c in store.candidates(qvec, kind="lora", k=10, filters=filters)]
             for name, ranking in (("ours", ours), ("cosine", plain)):
@@ -340,7 +345,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--fixtures", type=Path, default=None, help="the dfanr_CivitaiModelList directory")
     args = ap.parse_args()
+    global CIVITAI
+    CIVITAI = args.fixtures or CIVITAI
 
     import torch
 

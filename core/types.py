@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 MAX_TEXT = 20_000  # upper bound for any free text stored on a node
 MAX_SHORT = 512
@@ -18,6 +18,8 @@ MAX_SHORT = 512
 # (``merger.generate.MAX_SAMPLER_PROMPT_CHARS``: its text encoder sees 77 tokens) and the graph stores up to
 # ``MAX_TEXT`` of any free text; neither is a second prompt limit.
 MAX_PROMPT_CHARS = 10_000
+MAX_SHOWCASE_PROMPTS = 8
+MAX_SHOWCASE_CHARS = 500
 
 
 def utcnow() -> datetime:
@@ -93,6 +95,10 @@ class Expert(BaseModel):
     styles: list[str] = Field(default_factory=list, max_length=64)
     trained_words: list[str] = Field(default_factory=list, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=64)
+    # cleaned prompts of the source's showcase images (untrusted text, bounded): retrieval evidence
+    showcase_prompts: list[Annotated[str, StringConstraints(max_length=MAX_SHOWCASE_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_SHOWCASE_PROMPTS
+    )
     creator: str = Field(default="", max_length=MAX_SHORT)
     nsfw: bool = False
     nsfw_level: int = 0

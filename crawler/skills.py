@@ -23,6 +23,8 @@ MAX_SKILL_TEXT = 1500
 # retrieval signal sits in the name, what the expert is good at, tags and trigger words. Kind and base family
 # are not embedded: retrieval filters on them structurally.
 EMBED_CHARS = 192
+SHOWCASE_EMBED_PROMPTS = 4
+SHOWCASE_EMBED_CHARS = 200
 
 Short = Annotated[str, StringConstraints(min_length=1, max_length=80, strip_whitespace=True)]
 
@@ -126,8 +128,9 @@ def skill_text(expert: Expert, report: SkillReport) -> str:
 
 
 def embedding_text(expert: Expert, report: SkillReport) -> str:
-    """The text that is embedded (at most ``EMBED_CHARS``, cut at a word boundary): name, skills/styles/
-    subjects (else tags), trigger words, then the lead of the description."""
+    """The text that is embedded: (at most ``EMBED_CHARS``, cut at a word boundary) name, skills/styles/
+    subjects (else tags), trigger words, then the lead of the description; then up to
+    ``SHOWCASE_EMBED_PROMPTS`` showcase prompts of at most ``SHOWCASE_EMBED_CHARS`` each."""
     seen: set[str] = set()
     facets = [x for x in (*report.skills, *report.styles, *report.subjects) if not (x in seen or seen.add(x))]
     parts = [
@@ -136,8 +139,15 @@ def embedding_text(expert: Expert, report: SkillReport) -> str:
         ", ".join(expert.trained_words[:4]),
         first_sentences(expert.description, n=1, cap=EMBED_CHARS),
     ]
-    text = ". ".join(p.strip(" .") for p in parts if p.strip(" ."))
-    if len(text) <= EMBED_CHARS:
+    text = _cut_words(". ".join(p.strip(" .") for p in parts if p.strip(" .")), EMBED_CHARS)
+    # Showcase prompts say what the expert is used for in the words users search with; a few short ones
+    # are mixed in (all of them feed the lexical index, see graphdb/search.py).
+    shows = [_cut_words(p, SHOWCASE_EMBED_CHARS) for p in expert.showcase_prompts[:SHOWCASE_EMBED_PROMPTS]]
+    return ". ".join([text, *shows]) if shows else text
+
+
+def _cut_words(text: str, cap: int) -> str:
+    if len(text) <= cap:
         return text
-    cut = text[:EMBED_CHARS]
+    cut = text[:cap]
     return cut[: cut.rfind(" ")] if " " in cut else cut

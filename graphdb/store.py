@@ -29,6 +29,7 @@ from graphdb.errors import GraphError as GraphError
 from graphdb.errors import GraphUnavailable as GraphUnavailable
 
 if TYPE_CHECKING:
+    from graphdb.search import SearchCorpus
     from graphdb.subgraph import Subgraph
 
 NODE_LABELS = ("Expert", "Checkpoint", "LoRA", "Embedding", "BaseModel", "Tag", "Creator", "RefPrompt", "Generation")
@@ -142,6 +143,11 @@ class GraphStore(Protocol):
 
         ``kind="lora"`` matches every adapter kind (lora, locon, loha, lokr).
         """
+
+    def search_corpus(self) -> SearchCorpus:
+        """Every expert in process memory with a dense matrix and a BM25 index (``graphdb.search``),
+        cached until the next write."""
+        ...
 
     def activate_subgraph(
         self, expert_ids: Sequence[str], prompt_embedding: Sequence[float] | np.ndarray | None = None

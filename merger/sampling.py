@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from core.families import Family
+from core.prompt_syntax import strip_network_tags
 from core.types import ValidationFailed
 
 #: A1111 sampler names → (diffusers scheduler class, config overrides); diffusers' own table of equivalents
@@ -41,7 +42,6 @@ A1111_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: FLUX is a flow-matching model: of the A1111 names only these have a flow-matching equivalent.
 _FLOW_SCHEDULERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "heun": ("FlowMatchHeunDiscreteScheduler", {})}
 
-_LORA_TAG = re.compile(r"<lora:[^<>]{0,300}>", re.IGNORECASE)
 #: A1111's explicit weight ``(text:1.2)`` → compel's ``(text)1.2`` (the one rewrite; compel parses the rest).
 _A1111_WEIGHT = re.compile(r"\(([^():<>]{1,300}):\s*(-?[0-9]*\.?[0-9]+)\s*\)")
 #: compel syntax that changes the embedding: ``(words)1.2``, ``word++``, ``word--``, ``.and(``, ``.blend(``.
@@ -51,7 +51,7 @@ MAX_TRIGGER_WORDS = 8
 
 def strip_lora_tags(prompt: str) -> str:
     """The prompt without A1111 ``<lora:name:weight>`` tags (they choose experts, they are not text)."""
-    return " ".join(_LORA_TAG.sub(" ", prompt).split())
+    return strip_network_tags(prompt)
 
 
 def a1111_to_compel(prompt: str) -> str:

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from core.embeddings import Embedder, get_embedder
+from core.prompt_syntax import network_tags
 from core.settings import Settings
 from core.types import DiffGraphError, MergePlan, PlannedExpert
+from graphdb.search import SearchCorpus, model_key
 from graphdb.store import Candidate, CandidateFilter, GraphStore
 from graphdb.subgraph import FAMILIES, NODE_TYPES
 from planner.checkpoint import PlannerCheckpoint, latest_checkpoint
@@ -134,15 +136,53 @@ class ExpertSelectionAgent:
             selection = review(prompt, req, ckpts, loras, s.k_ckpt, s.k_lora, self.llm, highlights)
         notes.append(f"review: {'LLM' if selection.source == 'llm' else 'offline threshold + MMR'}")
         selection = _explained(selection, query)
+        forced = self._prompt_tags(prompt, family, notes)
         if not selection.checkpoints and not selection.loras:
-            notes.append(f"no expert in family {family} matched the prompt well enough: base model only")
-            return finish()
+            if not forced:
+                notes.append(f"no expert in family {family} matched the prompt well enough: base model only")
+                return finish()
+            return finish([], forced)
 
         with _timed(timings, "coefficients"):
             planned_ck, planned_lo, used["method"] = self._assign(
                 selection, method, prompt, query.prompt_vec, notes, timings
             )
-        return finish(planned_ck, planned_lo)
+        return finish(planned_ck, with_forced(planned_lo, forced, s.k_lora, self.store.search_corpus()))
+
+    def _prompt_tags(self, prompt: str, family: str, notes: list[str]) -> list[PlannedExpert]:
+        """LoRAs the prompt selects itself with ``<lora:name:weight>``: a tag naming a known adapter (weight
+        file name, then model name, then id) is planned at that weight, clamped to ``[0, lora_max_weight]``
+        (1.0 when the tag has none), with reason ``prompt_tag``; anything else becomes a note."""
+        tags = [t for t in network_tags(prompt) if t.kind in ("lora", "lyco")]
+        if not tags:
+            return []
+        corpus = self.store.search_corpus()
+        lmax = self.settings.lora_max_weight
+        out: dict[str, PlannedExpert] = {}
+        for tag in tags:
+            row = corpus.find(tag.name)
+            expert = corpus.experts[row] if row is not None else None
+            if expert is None or not expert.kind.is_adapter:
+                notes.append(f"prompt tag <{tag.kind}:{tag.name}>: no known LoRA of that name, ignored")
+                continue
+            if expert.base_family != family:
+                notes.append(
+                    f"prompt tag <{tag.kind}:{tag.name}>: {expert.id} is for {expert.base_family}, "
+                    f"the plan is for {family}: ignored"
+                )
+                continue
+            weight = min(max(1.0 if tag.weight is None else tag.weight, 0.0), lmax)
+            out[expert.id] = PlannedExpert(
+                expert_id=expert.id,
+                name=expert.name,
+                kind=expert.kind,
+                coefficient=round(weight, 6),
+                reason=f"prompt_tag: <{tag.kind}:{tag.name}> selects it at weight {weight:g}",
+                sha256=expert.primary_file.sha256 if expert.primary_file else None,
+            )
+        if out:
+            notes.append(f"prompt tags: {len(out)} LoRA(s) selected by <lora:…> tags")
+        return list(out.values())
 
     def _retrieve(
         self, query: Query, kind: str, family: str, limit: int, filters: CandidateFilter
@@ -218,6 +258,23 @@ class ExpertSelectionAgent:
             means = sorted(((float(np.mean(v)), c) for c, v in by_cat.items()), reverse=True)[:3]
             out[eid] = [f"{c}: {m:.2f}" for m, c in means]
         return out
+
+
+def with_forced(
+    planned_lo: list[PlannedExpert], forced: list[PlannedExpert], k_lora: int, corpus: SearchCorpus
+) -> list[PlannedExpert]:
+    """The prompt-tag LoRAs first, then the planned ones of other models, ``k_lora`` in all (at least the
+    forced ones: the user named them)."""
+    if not forced:
+        return planned_lo
+
+    def key(expert_id: str) -> str:
+        row = corpus.find(expert_id)
+        return model_key(corpus.experts[row]) if row is not None else expert_id
+
+    taken = {key(p.expert_id) for p in forced}
+    rest = [p for p in planned_lo if key(p.expert_id) not in taken]
+    return [*forced, *rest[: max(0, k_lora - len(forced))]]
 
 
 # node features = [embedding | node-type one-hot | family one-hot | popularity] (graphdb.subgraph)

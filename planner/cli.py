@@ -50,18 +50,44 @@ def plan_command(
     )
 
 
-def _rows(cands: list) -> list[dict[str, object]]:
-    return [
-        {
-            "expert_id": c.expert.id,
-            "source_id": c.expert.source_model_id or c.expert.source_version_id or c.expert.id,
-            "name": c.expert.name,
-            "kind": c.expert.kind.value,
-            "base_family": c.expert.base_family,
-            "score": round(c.score, 6),
-        }
-        for c in cands
-    ]
+def _row(c) -> dict[str, object]:  # noqa: ANN001 (graphdb.store.Candidate, imported lazily)
+    return {
+        "expert_id": c.expert.id,
+        "source_id": c.expert.source_model_id or c.expert.source_version_id or c.expert.id,
+        "name": c.expert.name,
+        "version_name": c.expert.version_name,
+        "kind": c.expert.kind.value,
+        "base_family": c.expert.base_family,
+        "score": round(c.score, 6),
+    }
+
+
+def _rows(groups: list) -> list[dict[str, object]]:
+    """One row per model (its best version) with the model's other matching versions under ``versions``."""
+    return [{**_row(g[0]), "versions": [_row(c) for c in g[1:]]} for g in groups]
+
+
+def _read_queries(path: Path) -> list[str]:
+    """The non-blank lines of a queries file; a bad line fails as ``file:line: why`` before any search."""
+    from core.types import ValidationFailed
+    from planner.retrieval import search_text
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"cannot read queries file {path}: {exc}") from exc
+    queries = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            search_text(line)
+        except ValidationFailed as exc:
+            raise ValidationFailed(f"{path}:{n}: {exc}") from None
+        queries.append(line.strip())
+    if not queries:
+        raise ValidationFailed(f"{path}: no queries (every line is blank)")
+    return queries
 
 
 @experts_app.command("search")
@@ -75,35 +101,41 @@ def search_command(
         Path | None,
         typer.Option("--queries-file", help="One query per line; prints one JSON array per line."),
     ] = None,
+    all_versions: Annotated[
+        bool, typer.Option("--all-versions", help="Rank versions separately instead of one result per model.")
+    ] = False,
 ) -> None:
-    """The retrieval ranking the planner uses (expert id, source id, name, score)."""
+    """The retrieval ranking the planner uses: one result per model (its best version; the model's other
+    matching versions under ``versions`` in JSON), expert id, source id, name, score."""
     from core.settings import get_settings
-    from planner.retrieval import search_many
+    from planner.retrieval import search_groups
 
     if (text is None) == (queries_file is None):
         fail("give either a search text or --queries-file")
     with user_errors():
-        if queries_file is not None:
-            lines = [ln.strip() for ln in queries_file.read_text(encoding="utf-8").splitlines()]
-            queries = [ln for ln in lines if ln]
-            for ranking in search_many(get_settings(), queries, kind=kind, family=family, k=k):
-                print_json(_rows(ranking))
-            return
-        ranking = search_many(get_settings(), [text or ""], kind=kind, family=family, k=k)[0]
-    rows = _rows(ranking)
+        queries = _read_queries(queries_file) if queries_file is not None else [text or ""]
+        rankings = search_groups(
+            get_settings(), queries, kind=kind, family=family, k=k, all_versions=all_versions
+        )
+    if queries_file is not None:
+        for ranking in rankings:
+            print_json(_rows(ranking))
+        return
+    rows = _rows(rankings[0])
     if json_out:
         print_json(rows)
         return
     from rich.table import Table
 
     table = Table(title=f"experts matching {json.dumps(text)}")
-    for col in ("#", "expert", "source id", "name", "kind", "family", "score"):
+    for col in ("#", "expert", "source id", "name", "kind", "family", "score", "other versions"):
         table.add_column(col)
     for i, r in enumerate(rows, 1):
         table.add_row(
             str(i),
             *(str(r[c]) for c in ("expert_id", "source_id", "name", "kind", "base_family")),
             f"{r['score']:.3f}",
+            str(len(r["versions"])),  # type: ignore[arg-type]
         )
     console.print(table)
 

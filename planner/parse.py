@@ -12,6 +12,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Literal
 
+from core.prompt_syntax import strip_syntax
 from planner.requirements import MAX_TERM_CHARS, MAX_TERMS, Requirements
 
 if TYPE_CHECKING:
@@ -167,7 +168,6 @@ _NEG_PHRASE = re.compile(
     r"([a-z][\w\- ]{0,60}?)(?=[,;.!?()\[\]]|\band\b|\bbut\b|$)",
     re.IGNORECASE,
 )
-_LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]{0,300}>", re.IGNORECASE)
 _WEIGHT = re.compile(r"[()\[\]{}]|:\s*\d+(?:\.\d+)?")
 _BY_ARTIST = re.compile(r"\b(?:art\s+)?by\s+([a-z][^,;|\n]{2,300})", re.IGNORECASE)
 _SPLIT = re.compile(r"[,;|\n]+|\.\s+")
@@ -217,7 +217,7 @@ def _subject_of(chunk: str) -> list[str]:
 
 def parse_offline(prompt: str) -> Requirements:
     """Deterministic keyword/heuristic parse (no network)."""
-    text = _LORA_TAG.sub(" ", prompt)
+    text = strip_syntax(prompt)  # the markup search also strips (core/prompt_syntax.py)
     avoid: list[str] = []
     neg = _NEG_SECTION.search(text)
     if neg:

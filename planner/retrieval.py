@@ -1,45 +1,58 @@
 """Candidate retrieval: the step of the Expert Selection Agent that turns a prompt into ranked experts.
 
-The prompt and its requirement terms are embedded; one ``GraphStore.candidates`` call per kind (top-k
-cosine over skill embeddings, within one base family) gathers a pool for a blend of the prompt and its
-terms; each pooled expert is then re-scored against every query embedding as
+The prompt is cleaned (``core.prompt_syntax.clean_query``: weight markup, ``<lora:…>`` tags, embedding
+names and quality boilerplate removed), embedded with its requirement terms, and every expert of the
+wanted kind and base family in the graph's search corpus (``GraphStore.search_corpus``, see
+``graphdb/search.py``) is scored as
 
-    fused = (1 - TERM_WEIGHT) * cos(prompt, e) + TERM_WEIGHT * max_t cos(term_t, e)
-            + TRIGGER_BOOST  if one of the expert's trained words appears verbatim in the prompt
+    dense   = (1 - TERM_WEIGHT) * cos(prompt, e) + TERM_WEIGHT * max_t cos(term_t, e)
+    fused   = dense
+            + LEXICAL_WEIGHT * bm25(prompt, e) / max_e' bm25(prompt, e')     (BM25 over name, tags,
+                                        trained words, description and showcase prompts)
+            + TRIGGER_BOOST  if one of the expert's distinctive trained words is in the prompt
             + POPULARITY_WEIGHT * popularity
             - AVOID_PENALTY * max(0, max_a cos(avoid_a, e) - AVOID_FLOOR)
 
-so ``Candidate.score`` here is this fused score, not a bare cosine. The nsfw filter comes from
-``settings.allow_nsfw``; licence filters from ``require_commercial_use`` / ``require_derivatives`` when the
-settings define them.
+so ``Candidate.score`` here is this fused score, not a bare cosine. The prompt is embedded up to
+``QUERY_EMBED_CHARS``; batch search (``search_groups``) leaves the requirement terms out (``t`` empty, so
+``dense = cos(prompt, e)``): on the dev split they did not change recall and cost most of the encoding. Versions of one model compete for one
+place: the best-scoring version represents its model (``rank_groups`` keeps the others under it).
+The weights were set on the dev split of ``benchmarks/retrieval.py`` (showcase images with even ids; see
+README, "Retrieval"); the held-out odd ids were never used. The nsfw filter comes from
+``settings.allow_nsfw``; licence filters from ``require_commercial_use`` / ``require_derivatives``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from core.embeddings import Embedder, get_embedder
+from core.prompt_syntax import clean_query, has_content, strip_syntax
 from core.settings import Settings
 from core.types import MAX_PROMPT_CHARS, Expert, ExpertKind, ValidationFailed
 from graphdb.backends import store_session
+from graphdb.search import GENERIC_TRIGGERS, SearchCorpus, tokenize, word_tokens
 from graphdb.store import Candidate, CandidateFilter, GraphStore
-from planner.parse import QUALITY_TERMS, parse_offline
+from planner.parse import parse_offline
 from planner.requirements import Requirements
 
 TERM_WEIGHT = 0.35
-TRIGGER_BOOST = 0.15
+LEXICAL_WEIGHT = 0.5
+TRIGGER_BOOST = 0.1
 POPULARITY_WEIGHT = 0.05
 AVOID_PENALTY = 0.5
 AVOID_FLOOR = 0.35
-MIN_POOL = 40
 FAMILY_POOL = 20
 DEFAULT_FAMILY = "sd15"
-# Trained words so common that matching them says nothing about the expert.
-_GENERIC_TRIGGERS = frozenset({"1girl", "1boy", "girl", "boy", "solo", "woman", "man", *QUALITY_TERMS})
+# Cleaned prompts are embedded up to this many characters (cut at a word): MiniLM's cost grows with tokens
+# and the subject sits at the front of real prompts; the lexical side always sees the whole prompt.
+QUERY_EMBED_CHARS = 200
 
 
 def validate_prompt(text: str) -> str:
@@ -51,22 +64,91 @@ def validate_prompt(text: str) -> str:
     return text.strip()
 
 
+def search_text(text: str) -> str:
+    """The cleaned query that search ranks on; ``ValidationFailed`` when the text is empty, too long, or
+    nothing but markup and quality boilerplate (ranking that would return arbitrary experts)."""
+    cleaned = clean_query(validate_prompt(text))
+    if not has_content(cleaned):
+        raise ValidationFailed(
+            "query is only quality boilerplate or prompt markup (e.g. 'masterpiece, best quality'): "
+            "say what should be drawn"
+        )
+    return cleaned
+
+
+def query_text(prompt: str) -> str:
+    """What ESA embeds: the cleaned prompt, else (all boilerplate) the prompt without markup."""
+    cleaned = clean_query(prompt)
+    return cleaned if has_content(cleaned) else (strip_syntax(prompt) or prompt)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Encode queries on one intra-op thread: they are short, and a second thread spins instead of helping
+    (651 dev queries: 1.6 s with one thread, 11-15 s with two on the shared 2-core box)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cut_words(text: str, cap: int) -> str:
+    if len(text) <= cap:
+        return text
+    cut = text[:cap]
+    return cut[: cut.rfind(" ")] if " " in cut else cut
+
+
 @dataclass(frozen=True)
 class Query:
-    """A prompt with the embeddings of its requirement terms."""
+    """A cleaned prompt with its embeddings, lexical tokens and the embeddings of its requirement terms."""
 
     text: str
     prompt_vec: np.ndarray  # (d,)
     term_vecs: np.ndarray  # (t, d), subjects and styles
     avoid_vecs: np.ndarray  # (a, d)
     terms: tuple[str, ...] = ()  # the texts of term_vecs
+    tokens: tuple[str, ...] = ()  # BM25 tokens of text
+    words: tuple[str, ...] = ()  # every word of text (trained-word matching)
 
     @classmethod
     def build(cls, embedder: Embedder, prompt: str, req: Requirements) -> Query:
-        terms = req.positive_terms()
-        avoid = list(req.avoid)
-        vecs = embedder.encode([prompt, *terms, *avoid])
-        return cls(prompt, vecs[0], vecs[1 : 1 + len(terms)], vecs[1 + len(terms) :], tuple(terms))
+        return cls.build_many(embedder, [prompt], [req])[0]
+
+    @classmethod
+    def build_many(
+        cls, embedder: Embedder, prompts: Sequence[str], reqs: Sequence[Requirements], with_terms: bool = True
+    ) -> list[Query]:
+        """Queries for several prompts with one ``encode`` call (batch search). ``with_terms=False`` skips
+        the requirement terms (things to avoid are kept): on the dev split they moved Recall@10 by less
+        than 0.005 while costing most of the encoding time, so batch search leaves them out."""
+        texts = [query_text(p) for p in prompts]
+        spans, flat = [], []
+        for text, req in zip(texts, reqs, strict=True):
+            terms, avoid = (req.positive_terms() if with_terms else []), list(req.avoid)
+            spans.append((len(flat), terms, avoid))
+            flat += [_cut_words(text, QUERY_EMBED_CHARS), *terms, *avoid]
+        with _one_torch_thread():
+            vecs = embedder.encode(flat) if flat else np.zeros((0, 0), dtype=np.float32)
+        out = []
+        for text, (at, terms, avoid) in zip(texts, spans, strict=True):
+            t, a = len(terms), len(avoid)
+            out.append(
+                cls(
+                    text,
+                    vecs[at],
+                    vecs[at + 1 : at + 1 + t],
+                    vecs[at + 1 + t : at + 1 + t + a],
+                    tuple(terms),
+                    tuple(tokenize(text)),
+                    tuple(word_tokens(text)),
+                )
+            )
+        return out
 
     def explain(self, expert: Expert) -> str:
         """Why ``expert`` matches: its best-matching requirement term and any trigger word in the prompt."""
@@ -81,16 +163,6 @@ class Query:
             parts.append(f"trigger word {hits[0]!r} in the prompt")
         return "; ".join(parts)
 
-    def pool_vector(self) -> np.ndarray:
-        """One pooling query per kind (each store round trip costs ~20 ms at 10k experts): the prompt
-        blended with the mean of its terms, weighted like the fused score."""
-        if not len(self.term_vecs):
-            return self.prompt_vec
-        mean = self.term_vecs.mean(axis=0)
-        mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        blend = (1 - TERM_WEIGHT) * self.prompt_vec + TERM_WEIGHT * mean
-        return blend / max(float(np.linalg.norm(blend)), 1e-12)
-
 
 def candidate_filter(settings: Settings, exclude: Sequence[str] = ()) -> CandidateFilter:
     return CandidateFilter(
@@ -101,46 +173,76 @@ def candidate_filter(settings: Settings, exclude: Sequence[str] = ()) -> Candida
     )
 
 
-def trigger_matches(expert: Expert, prompt_lower: str) -> list[str]:
-    """The expert's (non-generic) trained words that occur verbatim in the prompt."""
-    hits = []
-    for raw in expert.trained_words:
+@lru_cache(maxsize=4096)
+def _trigger_patterns(trained_words: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """Compiled whole-word patterns of an expert's distinctive trained words (cached per word list)."""
+    out = []
+    for raw in trained_words:
         for word in raw.split(","):
             w = word.strip().lower()
-            if (
-                len(w) >= 3
-                and w not in _GENERIC_TRIGGERS
-                and re.search(rf"(?<!\w){re.escape(w)}(?!\w)", prompt_lower)
-            ):
-                hits.append(w)
-    return hits
+            if len(w) >= 3 and w not in GENERIC_TRIGGERS:
+                out.append((w, re.compile(rf"(?<!\w){re.escape(w)}(?!\w)")))
+    return tuple(out)
 
 
-def _expert_matrix(experts: Sequence[Expert], dim: int) -> np.ndarray:
-    rows = np.zeros((len(experts), dim), dtype=np.float32)
-    for i, e in enumerate(experts):
-        if e.embedding is not None and len(e.embedding) == dim:
-            rows[i] = e.embedding
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / np.maximum(norms, 1e-12)
+def trigger_matches(expert: Expert, prompt_lower: str) -> list[str]:
+    """The expert's (non-generic) trained words that occur verbatim in the prompt."""
+    return [w for w, pattern in _trigger_patterns(tuple(expert.trained_words)) if pattern.search(prompt_lower)]
 
 
-def fused_scores(experts: Sequence[Expert], query: Query) -> np.ndarray:
-    """The fused score (module docstring) of each expert for ``query``."""
-    if not experts:
+def fused_scores(corpus: SearchCorpus, rows: np.ndarray, query: Query) -> np.ndarray:
+    """The fused score (module docstring) of the corpus ``rows`` for ``query``."""
+    if len(rows) == 0:
         return np.zeros(0, dtype=np.float32)
-    emb = _expert_matrix(experts, query.prompt_vec.shape[0])
-    s_prompt = emb @ query.prompt_vec
-    s_terms = (emb @ query.term_vecs.T).max(axis=1) if len(query.term_vecs) else s_prompt
+    emb = corpus.dense  # products over the whole matrix, then rows: a row slice would copy it per query
+    s_prompt = (emb @ query.prompt_vec)[rows]
+    s_terms = (emb @ query.term_vecs.T)[rows].max(axis=1) if len(query.term_vecs) else s_prompt
     score = (1 - TERM_WEIGHT) * s_prompt + TERM_WEIGHT * s_terms
     if len(query.avoid_vecs):
-        score -= AVOID_PENALTY * np.clip((emb @ query.avoid_vecs.T).max(axis=1) - AVOID_FLOOR, 0.0, None)
-    lower = query.text.lower()
-    for i, e in enumerate(experts):
-        if trigger_matches(e, lower):
-            score[i] += TRIGGER_BOOST
-        score[i] += POPULARITY_WEIGHT * min(max(e.popularity, 0.0), 1.0)
-    return score
+        avoid = (emb @ query.avoid_vecs.T)[rows].max(axis=1)
+        score -= AVOID_PENALTY * np.clip(avoid - AVOID_FLOOR, 0.0, None)
+    lexical = corpus.lexical_scores(query.tokens)[rows]
+    top = float(lexical.max()) if len(lexical) else 0.0
+    if top > 0:
+        score += LEXICAL_WEIGHT * lexical / top
+    score += TRIGGER_BOOST * corpus.trigger_hits(query.words)[rows]
+    score += POPULARITY_WEIGHT * corpus.popularity[rows]
+    return score.astype(np.float32)
+
+
+def rank_groups(
+    corpus: SearchCorpus,
+    query: Query,
+    kind: ExpertKind | str | None,
+    family: str | None,
+    k: int,
+    filters: CandidateFilter,
+    all_versions: bool = False,
+) -> list[list[Candidate]]:
+    """The ``k`` best models (``all_versions``: versions) of ``kind`` within ``family`` (``None`` = any),
+    best first; each group lists its model's matching versions, best first (one when ``all_versions``)."""
+    if k <= 0 or len(corpus) == 0:
+        return []
+    if len(query.prompt_vec) != corpus.dim:
+        raise ValidationFailed(
+            f"the query embedding has {len(query.prompt_vec)} dimensions, the graph stores {corpus.dim}: "
+            "search with the embedder the graph was built with"
+        )
+    rows = np.nonzero(corpus.slice_mask(kind, family) & corpus.filter_mask(filters))[0]
+    if len(rows) == 0:
+        return []
+    scores = np.round(fused_scores(corpus, rows, query), 6)
+    pos = np.lexsort((rows, -scores))  # rows are in id order: ties go to the smaller id
+    order, ordered = rows[pos], scores[pos]
+    if all_versions:
+        return [[Candidate(corpus.expert(int(r)), float(v))] for r, v in zip(order[:k], ordered[:k], strict=True)]
+    codes = corpus.model_codes[order]
+    _, first = np.unique(codes, return_index=True)  # where each model's best version sits in the order
+    chosen = codes[np.sort(first)[:k]]
+    groups: dict[int, list[Candidate]] = {int(c): [] for c in chosen}
+    for i in np.nonzero(np.isin(codes, chosen))[0]:  # every version of a chosen model, best first
+        groups[int(codes[i])].append(Candidate(corpus.expert(int(order[i])), float(ordered[i])))
+    return list(groups.values())
 
 
 def rank_experts(
@@ -151,16 +253,9 @@ def rank_experts(
     k: int,
     filters: CandidateFilter,
 ) -> list[Candidate]:
-    """Top-``k`` experts of ``kind`` within ``family`` (``None`` = any) by fused score, best first."""
-    if k <= 0:
-        return []
-    pool = store.candidates(
-        query.pool_vector(), kind=kind, base_family=family, k=max(MIN_POOL, 4 * k), filters=filters
-    )
-    experts = sorted((c.expert for c in pool), key=lambda e: e.id)
-    scores = fused_scores(experts, query)
-    order = sorted(range(len(experts)), key=lambda i: (-float(scores[i]), experts[i].id))[:k]
-    return [Candidate(experts[i], round(float(scores[i]), 6)) for i in order]
+    """Top-``k`` models of ``kind`` within ``family`` (``None`` = any) by fused score, best first, each
+    represented by its best version (ESA never spends two places on one model)."""
+    return [g[0] for g in rank_groups(store.search_corpus(), query, kind, family, k, filters)]
 
 
 def choose_family(
@@ -196,6 +291,29 @@ def _kind_arg(kind: str | None) -> ExpertKind | None:
         raise ValidationFailed(f"unknown expert kind {kind!r}: use checkpoint or lora") from None
 
 
+def search_groups(
+    settings: Settings,
+    texts: Sequence[str],
+    kind: str | None = None,
+    family: str | None = None,
+    k: int = 10,
+    embedder: Embedder | None = None,
+    all_versions: bool = False,
+) -> list[list[list[Candidate]]]:
+    """``rank_groups`` for several texts: one store session, one corpus, one batched ``encode``.
+
+    Raises ``ValidationFailed`` for the first bad text (``search_text``) before any work is done.
+    """
+    kind_arg = _kind_arg(kind)
+    cleaned = [search_text(t) for t in texts]
+    embedder = embedder or get_embedder(settings)
+    queries = Query.build_many(embedder, cleaned, [parse_offline(t) for t in cleaned], with_terms=False)
+    with store_session(settings) as store:
+        corpus = store.search_corpus()
+    filters = candidate_filter(settings)
+    return [rank_groups(corpus, q, kind_arg, family, k, filters, all_versions) for q in queries]
+
+
 def search_many(
     settings: Settings,
     texts: Sequence[str],
@@ -205,18 +323,15 @@ def search_many(
     embedder: Embedder | None = None,
 ) -> list[list[Candidate]]:
     """``search_experts`` for several texts in one store session (batch evaluation)."""
-    embedder = embedder or get_embedder(settings)
-    kind_arg = _kind_arg(kind)
-    queries = [Query.build(embedder, t, parse_offline(t)) for t in (validate_prompt(x) for x in texts)]
-    with store_session(settings) as store:
-        filters = candidate_filter(settings)
-        return [rank_experts(store, q, kind_arg, family, k, filters) for q in queries]
+    groups = search_groups(settings, texts, kind=kind, family=family, k=k, embedder=embedder)
+    return [[g[0] for g in ranking] for ranking in groups]
 
 
 def search_experts(
     settings: Settings, text: str, kind: str | None = None, family: str | None = None, k: int = 10
 ) -> list[Candidate]:
-    """The retrieval ranking for ``text`` (the same scoring ESA uses, offline requirements parse).
+    """The retrieval ranking for ``text`` (ESA's scoring without the requirement terms, see the module
+    docstring): one result per model, its best version.
 
     ``kind`` is ``checkpoint`` or ``lora`` (all adapter kinds); ``family`` restricts to one base family
     (``None`` searches all families). Scores are fused scores (see the module docstring).

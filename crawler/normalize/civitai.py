@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.prompt_syntax import clean_query
+from core.types import MAX_SHOWCASE_CHARS, MAX_SHOWCASE_PROMPTS
 from crawler.normalize.base_model import normalize_base_model
 from crawler.normalize.dates import parse_datetime
 from crawler.normalize.files import normalize_civitai_files
@@ -26,6 +28,24 @@ def site_url(api_url: str) -> str:
 
 def _level(value: object) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
+
+
+def showcase_prompts(version: dict[str, Any]) -> list[str]:
+    """Up to ``MAX_SHOWCASE_PROMPTS`` distinct cleaned prompts of the version's showcase images (their
+    ``meta.prompt``), in page order: markup, ``<lora:…>`` tags and boilerplate removed, one line, bounded."""
+    images = version.get("images")
+    out: dict[str, None] = {}
+    for image in images[:100] if isinstance(images, list) else []:
+        meta = image.get("meta") if isinstance(image, dict) else None
+        prompt = meta.get("prompt") if isinstance(meta, dict) else None
+        if not isinstance(prompt, str):
+            continue
+        text = clean_line(clean_query(clean_line(prompt, 4 * MAX_SHOWCASE_CHARS)), MAX_SHOWCASE_CHARS)
+        if len(text) >= 3:
+            out.setdefault(text, None)
+        if len(out) >= MAX_SHOWCASE_PROMPTS:
+            break
+    return list(out)
 
 
 def normalize_civitai(model: dict[str, Any], version: dict[str, Any], api_url: str) -> tuple[dict[str, Any], list[str]]:
@@ -70,6 +90,7 @@ def normalize_civitai(model: dict[str, Any], version: dict[str, Any], api_url: s
         "description": description,
         "trained_words": normalize_trained_words(version.get("trainedWords")),
         "tags": normalize_tags(model.get("tags")),
+        "showcase_prompts": showcase_prompts(version),
         "creator": clean_line(creator.get("username"), 512),
         "nsfw": bool(model.get("nsfw")) or bool(level & NSFW_EXPLICIT_BITS),
         "nsfw_level": level,

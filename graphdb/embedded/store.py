@@ -40,6 +40,7 @@ from core.types import Capability, Expert, ExpertKind, NotFoundError, RefPrompt,
 from graphdb import rules
 from graphdb.embedded import queries as q
 from graphdb.embedded.engine import Engine
+from graphdb.search import ALL_EXPERTS, SearchCorpus, cached_corpus
 from graphdb.store import (
     NODE_LABELS,
     REL_TYPES,
@@ -613,6 +614,12 @@ class EmbeddedGraphStore:
         return [
             Candidate(experts[i], float(scores[j])) for i, j in zip(chosen, best, strict=True) if i in experts
         ]
+
+    def search_corpus(self) -> SearchCorpus:
+        """Every expert with the indexes retrieval ranks on, cached until the next write (``graphdb.search``)."""
+        return cached_corpus(
+            f"embedded:{self.path}", self._data_version(), lambda: self.find_experts(limit=ALL_EXPERTS)
+        )
 
     # activation ----------------------------------------------------------------------------------
     def activate_subgraph(

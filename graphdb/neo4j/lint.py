@@ -33,12 +33,14 @@ PARAMETERS = (
     "ids", "rows", "id", "index_name", "dimensions", "timeout_s", "calibrated_at", "ref_set_version",
     "scorer_version", "set_version", "fetch", "embedding", "k", "kinds", "base_family", "allow_nsfw",
     "require_commercial_use", "require_derivatives", "exclude_ids", "query_norm", "created_at", "now",
-    "prompt", "used",
+    "prompt", "used", "data_version",
 )  # fmt: skip
 # Parameters the saved Browser queries expect the user to set with ``:param``.
 SAVED_QUERY_PARAMETERS = ("expert_id", "prompt_id", "generation_id", "limit")
 # Properties the backend stores but never names as identifiers; declared so the lint schema is complete.
-EXTRA_PROPERTY_KEYS = ("metrics", "n_images", "files_json", "description", "skill", "downloads", "likes")
+# Labels of internal bookkeeping nodes (not part of the graph model, so not in NODE_LABELS).
+INTERNAL_LABELS = ("Meta",)
+EXTRA_PROPERTY_KEYS = ("key", "value", "metrics", "n_images", "files_json", "description", "skill", "downloads", "likes")
 
 
 class LintUnavailable(RuntimeError):
@@ -78,7 +80,7 @@ def lint_queries(queries: Iterable[Statement], timeout_s: float = 120.0) -> list
             item["parameters"] = list(stmt[2])  # type: ignore[misc]
         items.append(item)
     schema = {
-        "labels": list(NODE_LABELS),
+        "labels": [*NODE_LABELS, *INTERNAL_LABELS],
         "relationshipTypes": list(REL_TYPES),
         "propertyKeys": sorted({*q.PROPERTY_KEYS, *EXTRA_PROPERTY_KEYS}),
         "parameters": [*PARAMETERS, *SAVED_QUERY_PARAMETERS],

@@ -374,6 +374,11 @@ RELATIONSHIP_COUNTS_QUERY = _count_union(
     ((rel, _rel(rel)) for rel in REL_TYPES), "MATCH ()-[r:{q}]->() RETURN '{name}' AS name, count(r) AS n"
 )
 # Test helper only: removes every node carrying one of DiffGraph's labels (never anything else).
+# A token every write transaction renews: in-process caches keyed on it (the search corpus,
+# ``graphdb/search.py``) see writes by any process. ``:Meta`` is internal: not in NODE_LABELS.
+DATA_VERSION_QUERY = "MATCH (m:Meta {key: 'data_version'}) RETURN m.value AS value"
+TOUCH_DATA_VERSION_QUERY = "MERGE (m:Meta {key: 'data_version'}) SET m.value = $data_version"
+
 CLEAR_QUERY = "MATCH (n)\nWHERE " + " OR ".join(f"n:{_label(label)}" for label in NODE_LABELS) + "\nDETACH DELETE n"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -35,6 +36,7 @@ from graphdb.rules import (  # noqa: F401 - classify, record_hash... keep their 
     record_hash,
     top_k_similar,
 )
+from graphdb.search import ALL_EXPERTS, SearchCorpus, cached_corpus
 from graphdb.store import (
     NODE_LABELS,
     REL_TYPES,
@@ -325,6 +327,7 @@ class Neo4jGraphStore:
     def clear(self) -> None:
         """Test helper only: delete every node carrying a DiffGraph label (and its relationships)."""
         self._execute(q.CLEAR_QUERY)
+        self._touch()
 
     # plumbing ----------------------------------------------------------------------------------
     @contextmanager
@@ -369,8 +372,25 @@ class Neo4jGraphStore:
 
     def _write(self, work: Callable[[Any], T]) -> T:
         """Run ``work(tx)`` as one managed write transaction (retried as a whole on transient errors)."""
+        def renewing(tx: Any) -> T:
+            result = work(tx)
+            tx.run(q.TOUCH_DATA_VERSION_QUERY, data_version=uuid.uuid4().hex)
+            return result
+
         with self._errors(), self._driver.session(database=self.database) as session:
-            return session.execute_write(work)
+            return session.execute_write(renewing)
+
+    def _touch(self) -> None:
+        """Renew the data version after a single-statement write (see ``graphdb/search.py``)."""
+        self._execute(q.TOUCH_DATA_VERSION_QUERY, data_version=uuid.uuid4().hex)
+
+    def search_corpus(self) -> SearchCorpus:
+        """Every expert with the indexes retrieval ranks on, cached until the next write (``graphdb.search``)."""
+        rows = self._read(q.DATA_VERSION_QUERY)
+        version = str(rows[0]["value"]) if rows else ""
+        return cached_corpus(
+            f"neo4j:{self.uri}/{self.database}", version, lambda: self.find_experts(limit=ALL_EXPERTS)
+        )
 
     def _server_version(self) -> tuple[int, ...]:
         if self._db.version is None:
@@ -473,6 +493,7 @@ class Neo4jGraphStore:
 
     def delete_expert(self, expert_id: str) -> None:
         rows = self._execute(q.DELETE_EXPERT_QUERY, id=expert_id)
+        self._touch()
         if not rows or not rows[0]["deleted"]:
             raise NotFoundError(f"unknown expert {expert_id!r}")
 
@@ -486,6 +507,7 @@ class Neo4jGraphStore:
             ref_set_version=ref_set_version,
             scorer_version=scorer_version,
         )
+        self._touch()
         if not rows:
             raise NotFoundError(f"unknown expert {expert_id!r}")
 

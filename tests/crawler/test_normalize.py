@@ -183,3 +183,25 @@ def test_every_fixture_card_parses() -> None:
         fields, _ = normalize_huggingface({"id": f"x/{path.stem[:40]}", "sha": "1"}, path.read_text(), "http://h")
         Expert(**fields)
         assert isinstance(front, dict)
+
+
+def test_showcase_prompts_are_cleaned_bounded_and_distinct() -> None:
+    from core.types import MAX_SHOWCASE_CHARS, MAX_SHOWCASE_PROMPTS
+    from crawler.normalize.civitai import showcase_prompts
+
+    images = [
+        {"id": 4, "meta": {"prompt": "masterpiece, best quality, (red fox:1.2), <lora:fox:0.8>, snow BREAK night"}},
+        {"id": 8, "meta": {"prompt": "masterpiece, best quality, (red fox:1.2), snow, night"}},  # same once cleaned
+        {"id": 12, "meta": None},
+        {"id": 16, "meta": {"prompt": 42}},
+        {"id": 20, "meta": {"prompt": "8k, absurdres"}},  # nothing left
+        {"id": 24, "meta": {"prompt": "a castle\x00 " + "tower, " * 400}},
+        *({"id": 28 + 4 * i, "meta": {"prompt": f"scene number {i}"}} for i in range(20)),
+    ]
+    out = showcase_prompts({"images": images})
+    assert out[0] == "red fox, snow, night" and out[1].startswith("a castle tower, tower")
+    assert len(out) == MAX_SHOWCASE_PROMPTS and all(len(p) <= MAX_SHOWCASE_CHARS for p in out)
+    assert all("\x00" not in p and "<lora" not in p for p in out)
+    assert showcase_prompts({"images": "not a list"}) == [] and showcase_prompts({}) == []
+    fields, _ = normalize_civitai({"id": 1, "name": "m", "type": "LORA"}, {"id": 2, "images": images[:1]}, "http://x/api/v1")
+    assert Expert(**fields).showcase_prompts == ["red fox, snow, night"]

@@ -497,3 +497,18 @@ def test_stats_counts_labels(store):
         "RefPrompt": 2,
         "Generation": 0,
     }
+
+
+def test_search_corpus_is_cached_until_a_write(store):
+    store.upsert_experts([make_expert("civitai:1", source_model_id="9", showcase_prompts=["a zorblax fox"])])
+    corpus = store.search_corpus()
+    assert store.search_corpus() is corpus  # no write in between: the same in-memory corpus
+    assert [e.id for e in corpus.experts] == ["civitai:1"] and corpus.experts[0].showcase_prompts == ["a zorblax fox"]
+    assert corpus.lexical_scores(["zorblax"])[0] > 0 and corpus.find("1.safetensors") == 0
+    store.upsert_experts([make_expert("civitai:2", source_model_id="9", kind="checkpoint")])
+    fresh = store.search_corpus()
+    assert fresh is not corpus and [e.id for e in fresh.experts] == ["civitai:1", "civitai:2"]
+    assert list(fresh.model_keys) == ["civitai:model:9", "civitai:model:9"]
+    assert list(fresh.slice_mask("lora", "sd15")) == [True, False]
+    store.delete_expert("civitai:2")
+    assert [e.id for e in store.search_corpus().experts] == ["civitai:1"]
