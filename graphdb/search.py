@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from core.types import Expert, ExpertKind
-from graphdb.store import CandidateFilter, commercial_use_ok
+from graphdb.rules import commercial_use_ok
+from graphdb.store import CandidateFilter
 
 DESCRIPTION_CHARS = 1500  # the lead of a description; the rest is mostly usage notes and changelogs
 MAX_CACHED = 4  # corpora kept per process (one per database path / URI)
