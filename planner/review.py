@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_SCORE = 0.2  # absolute floor of the fused retrieval score
-MAX_GAP = 0.3  # and at most this far below the best of its kind (multi-concept prompts need slack)
+# and at least this fraction of the best score of its kind (multi-concept prompts need slack); relative, because
+# the fused score's scale depends on how many lexical terms hit (cosine + BM25 + trigger + popularity)
+MIN_FRACTION_OF_BEST = 0.5
 MMR_LAMBDA = 0.7  # relevance vs diversity
 MAX_REASON = 200
 _UNSAFE_REASON = re.compile(
@@ -77,7 +79,7 @@ def mmr_select(candidates: Sequence[Candidate], k: int, lam: float = MMR_LAMBDA)
         return []
     best = max(c.score for c in candidates)
     pool = sorted(
-        (c for c in candidates if c.score >= max(MIN_SCORE, best - MAX_GAP)),
+        (c for c in candidates if c.score >= max(MIN_SCORE, best * MIN_FRACTION_OF_BEST)),
         key=lambda c: (-c.score, c.expert.id),
     )
     embs = {c.expert.id: _embedding(c) for c in pool}

@@ -90,8 +90,9 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def run(self, query: str, params: dict[str, Any] | None = None) -> Result:
-        return Result(self.server.run(query, params or {}))
+    def run(self, query: str, params: dict[str, Any] | None = None, **kwparams: Any) -> Result:
+        # the driver's ``run(query, parameters=None, **kwparameters)``
+        return Result(self.server.run(query, {**(params or {}), **kwparams}))
 
     def execute_write(self, work: Any) -> Any:
         return work(self)
