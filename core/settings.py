@@ -97,7 +97,7 @@ class Settings(BaseSettings):
 
     # generation defaults
     gen_steps: int = 20
-    gen_size: int = 512
+    gen_size: int | None = None  # None: the base model's native resolution
     gen_guidance: float = 7.0
 
     @field_validator("data_dir", mode="before")
@@ -116,8 +116,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = Path(os.environ.get("DIFFGRAPH_CONFIG", "diffgraph.toml"))
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=toml_path) if toml_path.is_file() else None
+        if toml is not None:
+            sources.append(toml)
+        # Lowest precedence: <data dir>/diffgraph.toml, written by tools that set a data dir up (the demo).
+        data_dir = (init_settings.init_kwargs.get("data_dir") or os.environ.get("DIFFGRAPH_DATA_DIR")
+                    or (toml.toml_data.get("data_dir") if toml is not None else None) or "./var")
+        data_toml = Path(os.path.expanduser(str(data_dir))) / "diffgraph.toml"
+        if data_toml.is_file() and data_toml.resolve() != toml_path.resolve():
+            sources.append(_DataDirToml(settings_cls, toml_file=data_toml))
         return tuple(sources)
 
     # derived values -------------------------------------------------------------------------
@@ -164,6 +171,15 @@ class Settings(BaseSettings):
         out["broker_url"] = _mask_url(self.broker_url)
         out["result_url"] = _mask_url(self.result_url)
         return out
+
+
+class _DataDirToml(TomlConfigSettingsSource):
+    """``<data dir>/diffgraph.toml``: it cannot move the data dir it lives in."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        data.pop("data_dir", None)
+        return data
 
 
 def _mask_url(url: str) -> str:

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "merger.cli",
     "deploy.generate_cli",
     "deploy.demo",
+    "world.cli",
 )
 
 

@@ -74,9 +74,10 @@ class Generator:
         self.lora_mode: LoraMode = lora_mode
 
     def generate(self, plan: MergePlan, prompt: str | list[str], negative_prompt: str = "", seed: int = 0,
-                 steps: int = 20, guidance: float = 7.0, width: int = 512, height: int = 512,
+                 steps: int = 20, guidance: float = 7.0, width: int | None = None, height: int | None = None,
                  num_images: int = 1, progress: Progress | None = None) -> GenerationResult:
-        """Sample ``num_images`` per prompt from the plan's merged model.
+        """Sample ``num_images`` per prompt from the plan's merged model (``width``/``height`` None: the base's
+        native resolution, UNet ``sample_size`` × VAE scale factor, as diffusers pipelines default to).
 
         Raises:
             ValidationFailed: empty prompt or bad sampling arguments.
@@ -89,7 +90,7 @@ class Generator:
             raise ValidationFailed("prompt must not be empty")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
             raise ValidationFailed(f"prompt longer than {MAX_PROMPT_CHARS} characters")
-        if steps < 1 or num_images < 1 or width % 8 or height % 8 or width < 8 or height < 8:
+        if steps < 1 or num_images < 1 or any(v is not None and (v % 8 or v < 8) for v in (width, height)):
             raise ValidationFailed("steps and num_images must be ≥ 1; width and height positive multiples of 8")
         report = progress or (lambda stage, step, total: None)
         timings = {"load": 0.0, "merge": 0.0, "lora": 0.0, "sample": 0.0}
@@ -118,6 +119,8 @@ class Generator:
             key, lambda: load_pipeline(weights, base.config_dir, base.family, self.device, self.dtype))
         report("load", 1, 1)
         timings["load"] = time.perf_counter() - start
+        native = int(entry.pipe.unet.config.sample_size) * int(entry.pipe.vae_scale_factor)
+        width, height = width or native, height or native
 
         start = time.perf_counter()
         report("lora", 0, len(lora_paths))
