@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     calib_seeds: int = 1
     calib_prompts: int = 0  # 0 = the whole reference set
     calib_interval_s: int = 3600
+    calib_refset: str = ""  # "" = the packaged reference set; "world" = the mini world's calibration prompts
     scorer_paths: dict[str, str] = Field(default_factory=dict)  # {"clip": dir, "aesthetic": file, ...}
 
     # planner

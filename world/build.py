@@ -8,6 +8,7 @@ SHA-256.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ class Budget:
     base_steps: int = 1000
     reader_data: int = 8000
     reader_steps: int = 500
-    clip_steps: int = 400
+    clip_steps: int = 300
     expert_data: int = 1500
     expert_steps: int = 150
     lora_steps: int = 150
@@ -70,11 +71,17 @@ class Builder:
             self.timings = json.loads(tf.read_text())
 
     def _stage(self, name: str, fn: Callable[[], None]) -> None:
+        import torch.distributed as dist
+
         marker = self.work / f"{name}.done"
         if marker.is_file():
             return
         t0 = time.time()
         fn()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            if dist.get_rank() != 0:
+                return
         tf = self.work / "timings.json"  # re-read: stages may run in parallel processes
         self.timings = json.loads(tf.read_text()) if tf.is_file() else {}
         self.timings[name] = round(time.time() - t0, 1)
@@ -118,13 +125,22 @@ class Builder:
         save_file(pipe.vae.state_dict(), str(self.work / "vae.safetensors"))
 
     def base(self) -> None:
+        """Data-parallel over ``WORLD_SIZE`` processes when launched so (each renders and encodes its share)."""
+        import torch.distributed as dist
+
         b = self.budget
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(self.seed)
         pipe = self.pipeline("init")
-        data = train.make_data(b.base_data, self.seed + 3, grammar.BASE_WEIGHTS)
+        data = train.make_data(b.base_data // world, self.seed + 3 + 1000 * rank, grammar.BASE_WEIGHTS)
         lat = train.encode(pipe.vae, data)
-        train.train_unet(pipe, data, lat, b.base_steps, self.seed + 4, lr=1e-3, batch=b.batch, train_text=True,
-                         progress=self.bar("base", b.base_steps))
-        pipe.save_pretrained(self.work / "base")
+        progress = self.bar("base", b.base_steps) if rank == 0 else train._noop
+        train.train_unet(pipe, data, lat, b.base_steps, self.seed + 4 + 1000 * rank, lr=1e-3, batch=b.batch // world,
+                         train_text=True, progress=progress)
+        if rank == 0:
+            pipe.save_pretrained(self.work / "base")
 
     def reader(self) -> None:
         from safetensors.torch import save_file
@@ -152,13 +168,23 @@ class Builder:
         model.save_pretrained(self.work / "clip")
         tok.save_pretrained(self.work / "clip")
 
+    def _expert_pipe(self) -> Any:
+        """The base pipeline with a fresh copy of its UNet (loaded once per process)."""
+        import copy
+
+        if not hasattr(self, "_base_pipe"):
+            self._base_pipe = self.pipeline("base")
+            self._base_unet = copy.deepcopy(self._base_pipe.unet)
+        self._base_pipe.unet = copy.deepcopy(self._base_unet)
+        return self._base_pipe
+
     def expert(self, spec: experts_mod.ExpertSpec, index: int) -> None:
         b = self.budget
-        pipe = self.pipeline("base")
+        pipe = self._expert_pipe()
         data = train.make_data(b.expert_data, self.seed + 100 + index, mix=experts_mod.training_weights(spec))
         lat = train.encode(pipe.vae, data)
         if spec.kind == "checkpoint":
-            train.train_unet(pipe, data, lat, b.expert_steps, self.seed + 200 + index, lr=5e-4, batch=b.batch,
+            train.train_unet(pipe, data, lat, b.expert_steps, self.seed + 200 + index, lr=1e-3, batch=b.batch // 2,
                              warmup=20, progress=self.bar(spec.name, b.expert_steps))
             from safetensors.torch import save_file
 
@@ -172,7 +198,7 @@ class Builder:
                                          "ff.net.2"])
         pipe.unet.add_adapter(cfg)
         params = [p for p in pipe.unet.parameters() if p.requires_grad]
-        train.train_unet(pipe, data, lat, b.lora_steps, self.seed + 200 + index, lr=2e-3, batch=b.batch, params=params,
+        train.train_unet(pipe, data, lat, b.lora_steps, self.seed + 200 + index, lr=3e-3, batch=b.batch // 2, params=params,
                          warmup=20, progress=self.bar(spec.name, b.lora_steps))
         from safetensors.torch import save_file
 
@@ -239,6 +265,10 @@ def main() -> None:  # python -m world.build OUT [stages...]
     import sys
 
     torch.set_num_threads(1)  # on a shared 2-core box one thread is ~8x faster than two
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: data-parallel stages
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     out = Path(sys.argv[1])
     Builder(out).run(sys.argv[2:] or None)
 

@@ -79,40 +79,39 @@ def write_lora(peft_state: dict[str, torch.Tensor], spec: ExpertSpec, path: Path
 
 
 def homepage(spec: ExpertSpec, index: int, file_path: Path, showcase: list[dict[str, Any]]) -> dict[str, Any]:
-    """The expert's page in the Civitai REST API's ``/models`` item format."""
+    """The expert's page in the Civitai REST API's ``/api/v1/models`` item format (``{host}`` in URLs is the
+    server that serves it)."""
     model_id, version_id = 900100 + index, 910100 + index
+    digest = sha256(file_path).upper()
+    stamp = "2026-12-01T00:00:00.000Z"
+    downloads = 1000 - 37 * index
+    url = f"{{host}}/api/download/models/{version_id}"
     return {
         "id": model_id,
         "name": spec.name.replace("-", " ").title(),
         "description": f"<p>{spec.description}</p><p>Trained on the DiffGraph mini world from its base "
                        f"<i>{paths.BASE_NAME}</i>.</p>",
         "type": "Checkpoint" if spec.kind == "checkpoint" else "LORA",
-        "nsfw": False,
+        "poi": False, "nsfw": False, "nsfwLevel": 1,
+        "allowNoCredit": True, "allowCommercialUse": ["Image"], "allowDerivatives": True, "allowDifferentLicense": True,
+        "stats": {"downloadCount": downloads, "favoriteCount": downloads // 10, "commentCount": 0, "ratingCount": 5,
+                  "rating": 4.8},
+        "creator": {"username": "diffgraph-world", "image": None},
         "tags": list(spec.tags),
-        "creator": {"username": "diffgraph-world"},
-        "stats": {"downloadCount": 1000 - 37 * index, "favoriteCount": 40 + index, "thumbsUpCount": 60 + index,
-                  "rating": 4.8, "ratingCount": 10 + index},
         "modelVersions": [{
-            "id": version_id,
-            "modelId": model_id,
-            "name": "v1.0",
-            "baseModel": "SD 1.5",
-            "baseModelType": "Standard",
-            "createdAt": "2026-12-01T00:00:00.000Z",
-            "publishedAt": "2026-12-01T00:00:00.000Z",
-            "trainedWords": list(spec.trained_words),
-            "description": spec.description,
+            "id": version_id, "modelId": model_id, "name": "v1.0", "createdAt": stamp, "updatedAt": stamp,
+            "publishedAt": stamp, "trainedWords": list(spec.trained_words), "baseModel": "SD 1.5",
+            "baseModelType": "Standard", "earlyAccessTimeFrame": 0, "description": spec.description, "nsfwLevel": 1,
+            "stats": {"downloadCount": downloads, "ratingCount": 5, "rating": 4.8},
             "files": [{
-                "id": 920100 + index,
-                "name": file_path.name,
-                "type": "Model",
-                "sizeKB": round(file_path.stat().st_size / 1024, 3),
-                "primary": True,
-                "metadata": {"format": "SafeTensor", "fp": "fp16", "size": "pruned"},
-                "hashes": {"SHA256": sha256(file_path).upper()},
-                "downloadUrl": f"{{host}}/api/download/models/{version_id}",
+                "id": 920100 + index, "name": file_path.name, "sizeKB": round(file_path.stat().st_size / 1024, 3),
+                "type": "Model", "metadata": {"fp": "fp16", "size": "pruned", "format": "SafeTensor"},
+                "pickleScanResult": "Success", "pickleScanMessage": "No Pickle imports", "virusScanResult": "Success",
+                "scannedAt": stamp, "hashes": {"AutoV2": digest[:10], "SHA256": digest},
+                "downloadUrl": url, "primary": True,
             }],
             "images": showcase,
+            "downloadUrl": url,
         }],
     }
 
