@@ -28,15 +28,16 @@ def _sample(pipe: Any, ps: list[str], seeds: list[int]) -> list[Any]:
     return sample(pipe, ps, seeds, steps=STEPS, guidance=GUIDANCE)
 
 
-def expert_unet_state(spec: ExpertSpec) -> dict[str, torch.Tensor]:
-    """A checkpoint expert's UNet weights in diffusers names, read with diffusers' converter."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def expert_unet_state(spec: ExpertSpec, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint expert's UNet weights in diffusers names, read with the merger's (diffusers') converter."""
     from safetensors.torch import load_file
 
-    from world.models import UNET_CONFIG
+    from merger.checkpoint_layout import convert_ldm_to_diffusers
+    from merger.families import get_family
 
     ckpt = load_file(str(verified(paths.shipped_dir() / spec.file)))
-    return {k: v.float() for k, v in convert_ldm_unet_checkpoint(ckpt, dict(UNET_CONFIG)).items()}
+    unet = convert_ldm_to_diffusers(get_family("sd15"), {"unet": unet_config}, ckpt)["unet"]
+    return {k: v.float() for k, v in unet.items()}
 
 
 def _apply(pipe: Any, base_state: dict[str, torch.Tensor], ckpts: list[tuple[ExpertSpec, float]],
@@ -44,7 +45,7 @@ def _apply(pipe: Any, base_state: dict[str, torch.Tensor], ckpts: list[tuple[Exp
     """Task arithmetic θ = θ_base + Σ wᵢ(θᵢ − θ_base) for checkpoints, then weighted LoRAs fused."""
     state = {k: v.clone() for k, v in base_state.items()}
     for spec, w in ckpts:
-        for k, v in expert_unet_state(spec).items():
+        for k, v in expert_unet_state(spec, dict(pipe.unet.config)).items():
             state[k] += w * (v - base_state[k])
     pipe.unet.load_state_dict(state)
     if loras:
@@ -165,4 +166,11 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-__all__ = ["run", "table", "right_experts", "load_base"]
+__all__ = ["run", "table", "markdown", "right_experts", "load_base"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The quality table as Markdown (what README shows)."""
+    lines = ["| measure | value | target | |", "|---|---|---|---|"]
+    lines += [f"| {m} | {v} | {t} | {ok} |" for m, v, t, ok in table(result)]
+    return "\n".join(lines)

@@ -30,8 +30,13 @@ def register(app: typer.Typer) -> None:
         target = Path(out) if out else paths.shipped_dir()
         if target.exists() and not target.is_dir():
             fail(f"--out {target} is not a directory")
-        if target.is_dir() and any(p.name != ".work" for p in target.iterdir()) and not force:
-            fail(f"{target} is not empty: pass --force to build over it")
+        if target.is_dir() and any(p.name != ".work" for p in target.iterdir()):
+            if not force:
+                fail(f"{target} is not empty: pass --force to build over it")
+            import shutil
+
+            shutil.rmtree(target / ".work", ignore_errors=True)  # a forced build starts from scratch
+        # (a folder holding only .work is an interrupted build: it resumes after its last finished stage)
         torch.set_num_threads(1)  # on a shared 2-core box one thread trains several times faster than two
         with user_errors():
             builder = Builder(target, seed=seed, budget=QUICK if quick else Budget())

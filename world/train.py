@@ -103,6 +103,21 @@ def encode(vae: Any, data: DataSet, batch: int = 256) -> tuple[torch.Tensor, tor
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def reconstruct(vae: Any, data: DataSet, batch: int = 128) -> DataSet:
+    """The same pictures after a trip through the VAE (what every generated image goes through)."""
+    out = []
+    for i in range(0, len(data.specs), batch):
+        x = data.batch(torch.arange(i, min(i + batch, len(data.specs))))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return DataSet(data.specs, torch.cat(out))
+
+
+def concat(*sets: DataSet) -> DataSet:
+    return DataSet([s for d in sets for s in d.specs], torch.cat([d.images for d in sets]))
+
+
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
