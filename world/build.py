@@ -197,7 +197,7 @@ class Builder:
         pipe = self._expert_pipe()
         data = train.make_data(b.expert_data, self.seed + 100 + index, mix=experts_mod.training_weights(spec))
         lat = train.encode(pipe.vae, data)
-        if spec.kind == "checkpoint":
+        if spec.kind == "checkpoint" or spec.extracted:
             train.train_unet(pipe, data, lat, b.expert_steps, self.seed + 200 + index, lr=1e-3, batch=b.batch // 2,
                              warmup=20, progress=self.bar(spec.name, b.expert_steps))
             from safetensors.torch import save_file
@@ -237,8 +237,11 @@ class Builder:
             target = self.out / spec.file
             if spec.kind == "checkpoint":
                 pipe.unet.load_state_dict(load_file(str(self.work / f"{spec.name}.unet.safetensors")))
-                export.write_checkpoint(pipe, target, spec.name)
+                export.write_checkpoint(pipe, target, spec.name, unet_only=True)
                 pipe.unet.load_state_dict(base_unet)
+            elif spec.extracted:
+                tuned = load_file(str(self.work / f"{spec.name}.unet.safetensors"))
+                export.write_lora(export.extract_lora(base_unet, tuned, spec.rank), spec, target)
             else:
                 export.write_lora(load_file(str(self.work / f"{spec.name}.lora.safetensors")), spec, target)
             showcase = [{"url": f"{{host}}/images/{spec.name}-{j}.png", "width": grammar.SIZE, "height": grammar.SIZE,

@@ -30,14 +30,11 @@ def _sample(pipe: Any, ps: list[str], seeds: list[int]) -> list[Any]:
 
 def expert_unet_state(spec: ExpertSpec, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A checkpoint expert's UNet weights in diffusers names, read with the merger's (diffusers') converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from safetensors.torch import load_file
 
-    from merger.checkpoint_layout import convert_ldm_to_diffusers
-    from merger.families import get_family
-
     ckpt = load_file(str(verified(paths.shipped_dir() / spec.file)))
-    unet = convert_ldm_to_diffusers(get_family("sd15"), {"unet": unet_config}, ckpt)["unet"]
-    return {k: v.float() for k, v in unet.items()}
+    return {k: v.float() for k, v in convert_ldm_unet_checkpoint(ckpt, unet_config).items()}
 
 
 def _apply(pipe: Any, base_state: dict[str, torch.Tensor], ckpts: list[tuple[ExpertSpec, float]],
@@ -141,7 +138,7 @@ def right_experts(prompt: str) -> tuple[list[ExpertSpec], list[ExpertSpec]]:
             ckpts.append(ck[0])
         elif match:
             loras.append(match[0])
-    return list(dict.fromkeys(ckpts)), list(dict.fromkeys(loras))
+    return list({e.name: e for e in ckpts}.values()), list({e.name: e for e in loras}.values())
 
 
 def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:

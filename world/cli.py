@@ -51,7 +51,9 @@ def register(app: typer.Typer) -> None:
         from world import check as check_mod
 
         with user_errors():
-            result = check_mod.run(log=(lambda *_: None) if json_out else console.print)
+            import sys
+
+            result = check_mod.run(log=(lambda msg: print(msg, file=sys.stderr)) if json_out else console.print)
         if json_out:
             print_json(result)
             return

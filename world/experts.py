@@ -1,7 +1,9 @@
 """The world's experts: what each one specialises in, how it ships, and what its homepage says.
 
-Checkpoints are full UNet fine-tunes from the base (single-file original layout); LoRAs are PEFT adapters on
-the base UNet's attention and feed-forward layers, shipped in kohya or diffusers layout.
+Checkpoints are full UNet fine-tunes from the base, shipped as UNet-only single files in the original layout
+(``model.diffusion_model.*``, as pruned community checkpoints are: the VAE and text encoder are the base's);
+LoRAs are PEFT adapters on the base UNet's attention and feed-forward layers, shipped in kohya or diffusers
+layout, and one is extracted from a full fine-tune by SVD.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class ExpertSpec:
     layout: str = "original"  # checkpoint: original; lora: kohya | diffusers
     rank: int = 8
     tags: tuple[str, ...] = field(default=())
+    extracted: bool = False  # a LoRA extracted (SVD) from a full fine-tune, as kohya's extract script does
 
     @property
     def file(self) -> str:
@@ -47,8 +50,9 @@ EXPERTS: tuple[ExpertSpec, ...] = (
                tags=("background", "pattern", "stripes", "checker")),
     ExpertSpec("retro-pixel", "checkpoint", {"style": ("pixel",)},
                "Fine-tune for retro pixel art.", ("pixel art style",), tags=("style", "pixel art", "retro")),
-    ExpertSpec("line-artist", "checkpoint", {"style": ("outline",)},
-               "Fine-tune for clean outline / line art.", ("outline style",), tags=("style", "line art")),
+    ExpertSpec("line-artist", "lora", {"style": ("outline",)},
+               "Line art LoRA extracted (SVD, rank 8) from a full outline-style fine-tune.", ("outline style",),
+               layout="kohya", extracted=True, tags=("style", "line art", "extracted")),
     ExpertSpec("soft-focus-lora", "lora", {"style": ("soft",)}, "LoRA for a dreamy soft-focus look.",
                ("soft focus style",), layout="kohya", tags=("style", "soft", "blur")),
     ExpertSpec("drop-shadow-lora", "lora", {"style": ("shadow",)}, "LoRA adding a hard drop shadow.",

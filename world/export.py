@@ -21,8 +21,9 @@ def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def write_checkpoint(pipe: Any, path: Path, name: str) -> None:
-    """The pipeline's UNet, VAE and text encoder as one original-layout (LDM) fp16 file."""
+def write_checkpoint(pipe: Any, path: Path, name: str, unet_only: bool = False) -> None:
+    """The pipeline's UNet, VAE and text encoder as one original-layout (LDM) fp16 file (``unet_only``: just
+    ``model.diffusion_model.*``, a pruned checkpoint whose VAE and text encoder are the base's)."""
     from merger.checkpoint_layout import convert_diffusers_to_ldm
     from merger.families import get_family
     from merger.merge_writer import write_safetensors
@@ -31,6 +32,8 @@ def write_checkpoint(pipe: Any, path: Path, name: str) -> None:
     configs = {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config)}
     state = {c: getattr(pipe, c).state_dict() for c in family.components}
     ldm = convert_diffusers_to_ldm(family, configs, state)
+    if unet_only:
+        ldm = {k: v for k, v in ldm.items() if k.startswith("model.diffusion_model.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, _fp16(ldm), {"format": "pt", "diffgraph_world": name})
 
@@ -44,6 +47,23 @@ def write_config_dir(pipe: Any, folder: Path) -> None:
         f.unlink()
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def extract_lora(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """A rank-``rank`` LoRA (PEFT key names, alpha = rank) approximating ``tuned − base`` on the LoRA target
+    layers by truncated SVD, as kohya's ``extract_lora_from_models.py`` does."""
+    out: dict[str, torch.Tensor] = {}
+    for key, w in base.items():
+        module = key.removesuffix(".weight")
+        if not key.endswith(".weight") or w.ndim != 2 or not any(module.endswith(t) for t in _LORA_TARGETS):
+            continue
+        delta = tuned[key].float() - w.float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        out[f"{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
+        out[f"{module}.lora_B.weight"] = (u[:, :r] * root[None, :]).contiguous()
+    return out
 
 
 def write_lora(peft_state: dict[str, torch.Tensor], spec: ExpertSpec, path: Path) -> None:
