@@ -18,7 +18,7 @@ MAX_TOKENS = 24  # the longest prompt of the grammar is 17 CLIP tokens with BOS/
 IMAGE_SIZE = grammar.SIZE
 
 UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 64),
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
