@@ -49,8 +49,8 @@ With real models (see README, "Using real models"):
 
 @dataclass
 class DemoConfig:
-    calib_prompts: int = 24
-    calib_steps: int = 12
+    calib_prompts: int = 12
+    calib_steps: int = 8
     epochs: int = 150
     steps: int = 20
     guidance: float = 4.0

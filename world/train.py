@@ -239,7 +239,7 @@ def train_clip(model: Any, tokenizer: Any, data: DataSet, steps: int, seed: int,
         out.loss.backward()
         opt.step()
         sched.step()
-        progress(step + 1, steps, float(out.loss))
+        progress(step + 1, steps, float(out.loss.detach()))
     model.eval()
 
 
