@@ -99,3 +99,20 @@ def test_corrupted_shipped_file_is_named(tmp_path: Path, monkeypatch) -> None:
         integrity.verify_all()
     integrity._verified.cache_clear()
     scorers._reader.cache_clear()
+
+
+def test_world_scorers_are_in_the_calibration_registry(tmp_path: Path) -> None:
+    from calibration.scorers import Unavailable, available_scorers
+    from core.settings import Settings
+
+    shipped = str(paths.shipped_dir())
+    settings = Settings(data_dir=tmp_path, device="cpu",
+                        scorer_paths={"world-adherence": shipped, "world-clip": shipped})
+    scorers = available_scorers(settings)
+    adh, clip = scorers["world-adherence"], scorers["world-clip"]
+    assert not isinstance(adh, Unavailable) and not isinstance(clip, Unavailable)
+    img = grammar.render(grammar.Spec("star", "blue", "striped", "flat"))
+    assert adh.score([img], ["a blue star on a striped background"]) == [1.0]
+    assert adh.version.startswith("world-adherence:")
+    other = available_scorers(Settings(data_dir=tmp_path, scorer_paths={"world-clip": str(tmp_path)}))
+    assert isinstance(other["world-clip"], Unavailable) and "not the active world" in other["world-clip"].reason
