@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from calibration.scorers import Scorer
 
 # Gain that counts as clearly better per metric, in each scorer's own units (see module docstring).
-METRIC_SCALES = {"clip": 2.5, "aesthetic": 0.3, "imagereward": 0.5, "hpsv2": 0.01, "pickscore": 0.5}
+METRIC_SCALES = {"clip": 2.5, "aesthetic": 0.3, "imagereward": 0.5, "hpsv2": 0.01, "pickscore": 0.5,
+                 "world-adherence": 0.25, "world-clip": 2.5}
 DEFAULT_SCALE = 1.0
 BATCH_SIZE = 8  # prompts per generate() call
 ProgressFn = Callable[[str, int, int], None]
@@ -355,11 +356,11 @@ def calibrate_experts(
     outcome and run; it never stops the others; with no scorer available every expert fails with the
     scorers' reasons. Raises ``GraphUnavailable`` only when the graph cannot be opened at the start.
     """
-    from calibration.refset import ensure_ref_prompts, load_reference_set
+    from calibration.refset import ensure_ref_prompts, reference_set_for
     from calibration.scorers import Unavailable, available_scorers, scorer_version
     from graphdb.backends import store_session
 
-    refset = load_reference_set()
+    refset = reference_set_for(settings)
     n = n_prompts if n_prompts is not None else (settings.calib_prompts or None)
     cfg = CalibrationConfig(
         prompts=tuple(refset.subset(n)), seeds=tuple(range(max(1, n_seeds or settings.calib_seeds))),

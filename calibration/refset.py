@@ -77,6 +77,35 @@ def load_reference_set() -> ReferenceSet:
     return ReferenceSet(version=version, prompts=prompts)
 
 
+@lru_cache(maxsize=1)
+def world_reference_set() -> ReferenceSet:
+    """The mini world's calibration prompts as a reference set (category = the attribute value the prompt
+    names that is rarest for the world's base, so categories line up with expert specialities)."""
+    from world import grammar
+    from world.prompts import load_set
+
+    entries = []
+    for i, text in enumerate(load_set("calibration")):
+        parsed = grammar.parse(text)
+        rare = [v for a, v in parsed.items() if v in grammar.RARE[a]]
+        entries.append({"id": f"world-{i:03d}", "category": rare[0] if rare else "common", "text": text})
+    version = content_version(entries).replace(GENERATION, "world", 1)
+    prompts = [RefPrompt(id=e["id"], category=e["category"], text=e["text"], set_version=version,
+                         source="world.prompts calibration set") for e in entries]
+    return ReferenceSet(version=version, prompts=prompts)
+
+
+def reference_set_for(settings: Settings) -> ReferenceSet:
+    """The set ``settings.calib_refset`` names: ``""`` the packaged set, ``"world"`` the mini world's."""
+    if settings.calib_refset == "world":
+        return world_reference_set()
+    if settings.calib_refset:
+        from core.types import DiffGraphError
+
+        raise DiffGraphError(f"unknown calib_refset {settings.calib_refset!r} (use '' or 'world')")
+    return load_reference_set()
+
+
 def ensure_ref_prompts(settings: Settings, store: GraphStore, refset: ReferenceSet | None = None) -> int:
     """Embed the reference prompts and upsert them as ``:RefPrompt`` nodes (idempotent); returns the count.
 

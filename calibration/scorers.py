@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-SCORER_NAMES = ("clip", "aesthetic", "imagereward", "hpsv2", "pickscore")
+SCORER_NAMES = ("clip", "aesthetic", "imagereward", "hpsv2", "pickscore", "world-adherence", "world-clip")
 _HASH_CHUNK = 1 << 20
 
 
@@ -329,7 +329,43 @@ def _load_imagereward(settings: Settings) -> Scorer | Unavailable:
     return ImageRewardScorer(p, tok, _device(settings), settings.allow_pickle, f"imagereward:{weights_hash(p)[:8]}")
 
 
+class WorldScorer:
+    """The mini world's attribute adherence or CLIP score (``world.scorers``), for calibrating world experts."""
+
+    def __init__(self, name: str, fn: Callable[[Sequence[Image.Image], Sequence[str]], list[float]], weights: Path):
+        self.name, self._fn = name, fn
+        self.version = f"{name}:{weights_hash(weights)[:8]}"
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        return self._fn(images, prompts)
+
+
+def _world(name: str) -> Callable[[Settings], Scorer | Unavailable]:
+    """Configured by ``scorer_paths[name]`` = the world's weights folder (only worlds' own images make sense)."""
+
+    def load(settings: Settings) -> Scorer | Unavailable:
+        raw = settings.scorer_paths.get(name, "")
+        if not raw:
+            return Unavailable(name, f"not configured (set scorer_paths[{name!r}] to the world's weights folder)")
+        from world import paths, scorers
+        from world.integrity import WorldError, verified
+
+        folder = Path(os.path.expanduser(raw)).resolve()
+        if folder != paths.shipped_dir().resolve():
+            return Unavailable(name, f"{folder} is not the active world ({paths.shipped_dir()}; set DIFFGRAPH_WORLD_DIR)")
+        weights = paths.reader_path() if name == "world-adherence" else paths.clip_dir() / "model.safetensors"
+        try:
+            verified(weights)
+        except WorldError as exc:
+            return Unavailable(name, str(exc))
+        return WorldScorer(name, scorers.adherence if name == "world-adherence" else scorers.clip_score, weights)
+
+    return load
+
+
 LOADERS: dict[str, Callable[[Settings], Scorer | Unavailable]] = {
+    "world-adherence": _world("world-adherence"),
+    "world-clip": _world("world-clip"),
     "clip": _load_clip,
     "aesthetic": _load_aesthetic,
     "imagereward": _load_imagereward,

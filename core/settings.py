@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     calib_seeds: int = 1
     calib_prompts: int = 0  # 0 = the whole reference set
     calib_interval_s: int = 3600
+    calib_refset: str = ""  # "" = the packaged reference set; "world" = the mini world's calibration prompts
     scorer_paths: dict[str, str] = Field(default_factory=dict)  # {"clip": dir, "aesthetic": file, ...}
 
     # planner
@@ -134,8 +135,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = Path(os.environ.get("DIFFGRAPH_CONFIG", "diffgraph.toml"))
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=toml_path) if toml_path.is_file() else None
+        if toml is not None:
+            sources.append(toml)
+        # Lowest precedence: <data dir>/diffgraph.toml, written by tools that set a data dir up (the demo).
+        data_dir = (init_settings.init_kwargs.get("data_dir") or os.environ.get("DIFFGRAPH_DATA_DIR")
+                    or (toml.toml_data.get("data_dir") if toml is not None else None) or "./var")
+        data_toml = Path(os.path.expanduser(str(data_dir))) / "diffgraph.toml"
+        if data_toml.is_file() and data_toml.resolve() != toml_path.resolve():
+            sources.append(_DataDirToml(settings_cls, toml_file=data_toml))
         return tuple(sources)
 
     # derived values -------------------------------------------------------------------------
@@ -183,6 +191,15 @@ class Settings(BaseSettings):
         out["result_url"] = _mask_url(self.result_url)
         out["store_url"] = _mask_url(self.store_url)
         return out
+
+
+class _DataDirToml(TomlConfigSettingsSource):
+    """``<data dir>/diffgraph.toml``: it cannot move the data dir it lives in."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        data.pop("data_dir", None)
+        return data
 
 
 def _mask_url(url: str) -> str:

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "evaluation.cli",
     "deploy.generate_cli",
     "deploy.demo",
+    "world.cli",
 )
 
 

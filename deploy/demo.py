@@ -1,9 +1,14 @@
-"""``diffgraph demo``: the whole DiffGraph loop on the embedded default, on a laptop-class CPU.
+"""``diffgraph demo``: the whole DiffGraph loop on the mini world, on a laptop-class CPU.
 
-It builds a tiny, random SD1.5-architecture zoo, serves it as expert homepages in the real Civitai API
-format on a loopback port, crawls them with the real spider (register, download with hash check),
-calibrates every expert, trains the VGAE planner, plans and generates for sample prompts, and writes
-``<out>/report.html`` with each prompt's image, MergePlan and activated subgraph.
+The world (``world/``: a trained SD1.5-architecture base, checkpoint and LoRA experts that specialise, and
+scorers that read what an image shows) ships with the package. The demo serves the experts' homepages in the
+real Civitai API format on a loopback port, crawls them with the real spider (register, download with hash
+check), calibrates every expert on the world's calibration prompts with the world's scorers, trains the VGAE
+planner, plans, merges and samples for prompts that need experts, and writes ``<out>/report.html`` with, per
+prompt, the base model's image beside DiffGraph's, the MergePlan and the adherence of each.
+
+It also writes ``<out>/state/diffgraph.toml`` so that ``DIFFGRAPH_DATA_DIR=<out>/state diffgraph generate …``
+works afterwards with no other setting.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -24,59 +30,12 @@ from core.cli import console, fail
 from core.settings import Settings, get_settings
 from core.types import DiffGraphError, MergePlan
 
-# The zoo's files dressed as community experts: what a homepage would say about each.
-DEMO_EXPERTS: tuple[dict[str, Any], ...] = (
-    {
-        "zoo": ("checkpoints", 0),
-        "type": "Checkpoint",
-        "name": "Anime Illustration Mix",
-        "tags": ["anime", "illustration", "cel shading", "character"],
-        "trained_words": [],
-        "description": "<p>A checkpoint tuned for <b>anime</b> characters and colourful illustration, "
-        "clean line art and cel shading.</p>",
-    },
-    {
-        "zoo": ("checkpoints", 1),
-        "type": "Checkpoint",
-        "name": "Photoreal Portrait",
-        "tags": ["photorealistic", "portrait", "photography", "realistic skin"],
-        "trained_words": [],
-        "description": "<p>Photorealistic people: studio portraits, natural skin texture, "
-        "cinematic lighting and shallow depth of field.</p>",
-    },
-    {
-        "zoo": ("checkpoints", 2),
-        "type": "Checkpoint",
-        "name": "Painterly Fantasy Landscapes",
-        "tags": ["landscape", "fantasy", "painterly", "scenery"],
-        "trained_words": [],
-        "description": "<p>Epic fantasy scenery: castles, misty mountains and forests in a painterly "
-        "concept-art style.</p>",
-    },
-    {
-        "zoo": ("loras_kohya", 0),
-        "type": "LORA",
-        "name": "Soft Watercolor Style",
-        "tags": ["watercolor", "style", "painting", "soft colors"],
-        "trained_words": ["wtrclr style"],
-        "description": "<p>Turns any subject into a soft <i>watercolor</i> painting with paper texture "
-        "and gentle colour bleeding.</p>",
-    },
-    {
-        "zoo": ("loras_kohya", 1),
-        "type": "LORA",
-        "name": "Neon Cyberpunk Lights",
-        "tags": ["cyberpunk", "neon", "sci-fi", "city", "night"],
-        "trained_words": ["neonpunk"],
-        "description": "<p>Neon-lit cyberpunk cities at night, glowing signs, rain reflections and "
-        "futuristic sci-fi mood.</p>",
-    },
-)
-
+# Prompts that each need one or two of the base's rare concepts (so experts should be chosen).
 DEMO_PROMPTS: tuple[str, ...] = (
-    "an anime girl with blue hair in a field of flowers, soft watercolor painting",
-    "photorealistic portrait of a mercenary in a cyberpunk city at night, neon lights",
-    "a misty fantasy landscape with a castle on a mountain, painterly concept art",
+    "a yellow star on a striped background",
+    "a neon pink heart on a plain white background",
+    "a blue moon on a checkered background, pixel art style",
+    "a green square on a dotted background, outline style",
 )
 
 REAL_MODEL_COMMANDS = """\
@@ -90,12 +49,11 @@ With real models (see README, "Using real models"):
 
 @dataclass
 class DemoConfig:
-    calib_prompts: int = 24
-    calib_size: int = 32
-    calib_steps: int = 2
+    calib_prompts: int = 12
+    calib_steps: int = 8
     epochs: int = 150
-    steps: int = 4
-    size: int = 64
+    steps: int = 20
+    guidance: float = 4.0
     prompts: tuple[str, ...] = DEMO_PROMPTS
 
 
@@ -136,17 +94,47 @@ def demo_settings(base: Settings, state_dir: Path, **update: Any) -> Settings:
     )
 
 
+def world_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """What the demo configures for the world: its base as the ``sd15`` base, its scorers, its prompts."""
+    from world import paths
+
+    shipped = str(paths.shipped_dir())
+    return {
+        "base_models": {"sd15": str(paths.base_model_path())},
+        "scorer_paths": {"world-adherence": shipped, "world-clip": shipped},
+        "calib_refset": "world",
+        "calib_prompts": cfg.calib_prompts,
+        "calib_size": 64,
+        "calib_steps": cfg.calib_steps,
+        "calib_seeds": 1,
+        "gen_steps": cfg.steps,
+        "gen_guidance": cfg.guidance,
+    }
+
+
+def _toml(values: dict[str, Any]) -> str:
+    """A flat TOML document (strings, numbers, string tables) for ``<data dir>/diffgraph.toml``."""
+    lines, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in value.items()))
+        else:
+            lines.append(f"{key} = {json.dumps(value)}\n")
+    return "# written by `diffgraph demo`: the mini world's settings for this data dir (lowest precedence)\n" + \
+        "".join(lines) + "".join(tables)
+
+
 def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
              say: Callable[[str], None] = console.print) -> DemoResult:
-    """Run the end-to-end demo into ``out`` (``out/models`` is reused between runs, ``out/state`` is not)."""
+    """Run the end-to-end demo into ``out`` (``out/state`` is rebuilt each run)."""
     from calibration.calibrate import calibrate_experts
-    from calibration.testing import build_tiny_clip
     from crawler.run import crawl
-    from crawler.testing import CivitaiFixtureServer, civitai_item_for
+    from crawler.testing import CivitaiFixtureServer
     from deploy.generation import run_generation
     from graphdb.backends import store_session
-    from merger.testing import build_tiny_zoo
     from planner.train import train_planner
+    from world import experts_manifest, paths
+    from world.integrity import verify_all
 
     cfg = config or DemoConfig()
     timings: dict[str, float] = {}
@@ -157,41 +145,28 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
         stale.unlink()
     state.mkdir(parents=True)
 
-    done = _stage("1. tiny SD1.5-architecture zoo and tiny CLIP scorer", timings, say)
-    zoo = build_tiny_zoo(out / "models" / "zoo")
-    scorer_paths = build_tiny_clip(out / "models" / "scorers")
-    settings = demo_settings(
-        base,
-        state,
-        base_models={"sd15": str(zoo.base_dir)},
-        scorer_paths=scorer_paths,
-        calib_prompts=cfg.calib_prompts,
-        calib_size=cfg.calib_size,
-        calib_steps=cfg.calib_steps,
-        calib_seeds=1,
-        gen_steps=cfg.steps,
-        gen_size=cfg.size,
-    )
+    done = _stage("1. the mini world (trained base, experts and scorers shipped with the package)", timings, say)
+    verify_all()  # every shipped file against its SHA-256 in world.json
+    values = world_settings(cfg)
+    (state / "diffgraph.toml").write_text(_toml(values))
+    settings = demo_settings(base, state, **values)
+    homepages = json.loads((paths.shipped_dir() / "homepages.json").read_text())["items"]
+    files = {e["name"]: Path(e["file"]) for e in experts_manifest()}
     done()
 
     done = _stage("2. crawl expert homepages (real Civitai API format, loopback) and register", timings, say)
     with CivitaiFixtureServer([]) as server:
-        for i, spec in enumerate(DEMO_EXPERTS):
-            group, idx = spec["zoo"]
-            path: Path = getattr(zoo, group)[idx]
-            server.items.append(
-                civitai_item_for(
-                    path,
-                    name=spec["name"],
-                    type=spec["type"],
-                    tags=spec["tags"],
-                    trained_words=spec["trained_words"],
-                    description=spec["description"],
-                    download_url=server.add_file(path, f"{i}_{path.name}"),
-                    file_name=f"{i}_{path.name}",
-                    downloads=1000 * (i + 1),
-                )
-            )
+        host = server.api_url.split("/api/v1")[0]
+        for page in homepages:
+            fname = page["modelVersions"][0]["files"][0]["name"]
+            url = server.add_file(next(p for p in files.values() if p.name == fname), fname)
+            text = json.dumps(page).replace("{host}", host)
+            item = json.loads(text)
+            for v in item["modelVersions"]:
+                v["downloadUrl"] = url
+                for f in v["files"]:
+                    f["downloadUrl"] = url
+            server.items.append(item)
         settings = settings.model_copy(update={"civitai_api_url": server.api_url})
         summary = crawl(settings, "civitai", limit=100, log_level="ERROR")
         if summary.new == 0:
@@ -205,7 +180,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
     say(f"  registered {summary.new} experts: " + ", ".join(e.name for e in experts))
     done()
 
-    done = _stage(f"3. calibrate {len(experts)} experts on {cfg.calib_prompts} reference prompts", timings, say)
+    done = _stage(f"3. calibrate {len(experts)} experts on {cfg.calib_prompts} world calibration prompts", timings, say)
     outcomes = calibrate_experts(settings, [e.id for e in experts])
     failed = [o for o in outcomes if getattr(o, "status", "") != "succeeded"]
     if failed:
@@ -220,19 +195,27 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
     trained = train_planner(settings, epochs=cfg.epochs, seed=0)
     done()
 
-    done = _stage(f"5. plan, merge and generate for {len(cfg.prompts)} prompts", timings, say)
+    done = _stage(f"5. plan, merge and generate for {len(cfg.prompts)} prompts (and the base alone)", timings, say)
+    from merger.generate import Generator
+    from world.scorers import adherence
+
     generations = []
+    base_generator = Generator(settings)
     for n, prompt in enumerate(cfg.prompts, start=1):
-        result = run_generation(
-            settings,
-            f"demo-{n}",
-            prompt,
-            {"seed": n, "steps": cfg.steps, "width": cfg.size, "height": cfg.size, "method": "vgae"},
-        )
+        result = run_generation(settings, f"demo-{n}", prompt, {"seed": n, "method": "vgae"})
         plan = MergePlan.model_validate(result["plan"])
         (out / f"plan_{n}.json").write_text(plan.model_dump_json(indent=2))
+        base_img = base_generator.generate(MergePlan(prompt=prompt, method="base"), prompt, seed=n,
+                                                steps=cfg.steps, guidance=cfg.guidance).images[0]
+        base_path = out / f"base_{n}.png"
+        base_img.save(base_path)
+        from PIL import Image
+
+        with Image.open(result["image_paths"][0]) as img:
+            ours = adherence([img.convert("RGB"), base_img], [prompt, prompt])
+        result.update(base_image_path=str(base_path), adherence=ours[0], base_adherence=ours[1])
         chosen = ", ".join(f"{e.name} ({e.coefficient:.2f})" for e in plan.experts) or "base only"
-        say(f"  [{n}] {prompt[:60]}… → {chosen}")
+        say(f"  [{n}] {prompt} → {chosen}; adherence {ours[0]:.2f} (base {ours[1]:.2f})")
         generations.append(result)
     done()
 
@@ -264,6 +247,10 @@ def _subgraph_page(settings: Settings, expert_ids: list[str], path: Path) -> boo
     return True
 
 
+def _adh(value: float | None) -> str:
+    return f" — adherence {value:.2f}" if value is not None else ""
+
+
 def write_report(settings: Settings, out: Path, generations: list[dict[str, Any]], *, experts_total: int,
                  n_caps: int, timings: dict[str, float]) -> Path:
     """``out/report.html``: per prompt the image, the MergePlan table and the activated subgraph."""
@@ -282,8 +269,12 @@ def write_report(settings: Settings, out: Path, generations: list[dict[str, Any]
             for e in plan.experts
         ) or '<tr><td colspan="5">base model only</td></tr>'
         images = "".join(
-            f'<img alt="generated image {i}" src="{_png_data_uri(Path(p))}">' for i, p in enumerate(result["image_paths"])
+            f'<figure><img alt="DiffGraph image {i}" src="{_png_data_uri(Path(p))}"><figcaption>DiffGraph'
+            f'{_adh(result.get("adherence"))}</figcaption></figure>' for i, p in enumerate(result["image_paths"])
         )
+        if result.get("base_image_path"):
+            images = (f'<figure><img alt="base image" src="{_png_data_uri(Path(result["base_image_path"]))}">'
+                      f'<figcaption>base alone{_adh(result.get("base_adherence"))}</figcaption></figure>' + images)
         viz_file = out / f"subgraph_{n}.html"
         viz = (
             f'<iframe src="{viz_file.name}" title="activated subgraph"></iframe>'
@@ -303,11 +294,14 @@ def write_report(settings: Settings, out: Path, generations: list[dict[str, Any]
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>DiffGraph demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-.row{{display:flex;gap:2em}}.imgs img{{width:256px;height:256px;image-rendering:pixelated;margin:2px}}
+.row{{display:flex;gap:2em}}.imgs{{display:flex;gap:8px}}figure{{margin:0}}
+.imgs img{{width:192px;height:192px;image-rendering:pixelated;margin:2px}}
 iframe{{width:100%;height:540px;border:1px solid #ccc}}.warn{{background:#fff3cd;padding:.6em 1em}}</style>
 </head><body><h1>DiffGraph demo</h1>
-<p class="warn"><b>The model zoo is tiny and randomly initialised: the images are noise.</b> The demo shows the
-loop working end to end — crawl, register, download with hash check, calibrate, train, plan, merge, sample.</p>
+<p class="warn">The models are the <b>mini world</b> shipped with DiffGraph: a small SD1.5-architecture base
+trained on 64×64 pictures of shapes, and experts fine-tuned on concepts the base rarely saw. Adherence is the
+fraction of the prompt's attributes (shape, colour, background, style) that the world's attribute reader
+sees in the image.</p>
 <p>{experts_total} experts, {n_caps} CAPABILITY edges.</p><table>{stage_rows}</table>
 {''.join(sections)}
 <pre>{esc(REAL_MODEL_COMMANDS)}</pre></body></html>"""
@@ -323,13 +317,9 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(DemoConfig.epochs, "--epochs", min=1, help="Planner training epochs."),
         calib_prompts: int = typer.Option(DemoConfig.calib_prompts, "--calib-prompts", min=1),
     ) -> None:
-        """Run the whole loop on a tiny random zoo and write an HTML report (no GPU, hub or server)."""
+        """Run the whole loop on the shipped mini world and write an HTML report (no GPU, hub or server)."""
         settings = get_settings()
         target = out or settings.data_dir / "demo"
-        console.print(
-            "[bold yellow]Note:[/] the demo's model zoo is tiny and randomly initialised, so its images are "
-            "noise; every stage runs the real code."
-        )
         start = time.perf_counter()
         try:
             result = run_demo(settings, target, DemoConfig(epochs=epochs, calib_prompts=calib_prompts))
@@ -340,4 +330,6 @@ def register(app: typer.Typer) -> None:
         console.print(f"plans:  {', '.join(str(p) for p in sorted(target.glob('plan_*.json')))}")
         console.print(f"explore the demo graph:\n  DIFFGRAPH_DATA_DIR={target / 'state'} diffgraph graph export "
                       f"--html {target / 'graph.html'}", highlight=False, soft_wrap=True)
+        console.print(f"generate with the world:\n  DIFFGRAPH_DATA_DIR={target / 'state'} diffgraph generate "
+                      '"a red square on a plain white background" --json', highlight=False, soft_wrap=True)
         console.print(REAL_MODEL_COMMANDS, highlight=False)

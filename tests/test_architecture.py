@@ -13,10 +13,11 @@ ALLOWED = {
     "graphdb": {"core"},
     "merger": {"core"},
     "crawler": {"core", "graphdb"},
-    "calibration": {"core", "graphdb", "merger", "crawler"},
-    "planner": {"core", "graphdb", "merger", "crawler", "calibration"},
-    "evaluation": {"core", "graphdb", "merger", "crawler", "calibration", "planner"},
-    "deploy": {"core", "graphdb", "merger", "crawler", "calibration", "planner", "evaluation"},
+    "world": {"core", "merger"},
+    "calibration": {"core", "graphdb", "merger", "crawler", "world"},
+    "planner": {"core", "graphdb", "merger", "crawler", "world", "calibration"},
+    "evaluation": {"core", "graphdb", "merger", "crawler", "world", "calibration", "planner"},
+    "deploy": {"core", "graphdb", "merger", "crawler", "world", "calibration", "planner", "evaluation"},
 }
 
 

@@ -39,7 +39,8 @@ def test_tiny_clip_and_aesthetic_score_images(tmp_path: Path, tiny_clip: dict[st
 def test_missing_weights_are_reported_unavailable(tmp_path: Path, tiny_clip: dict[str, str]) -> None:
     paths = {**tiny_clip, "pickscore": str(tmp_path / "nope"), "hpsv2": str(tmp_path)}
     scorers = available_scorers(Settings(data_dir=tmp_path, scorer_paths=paths, device="cpu"))
-    assert set(scorers) == {"clip", "aesthetic", "imagereward", "hpsv2", "pickscore"}
+    assert set(scorers) == {"clip", "aesthetic", "imagereward", "hpsv2", "pickscore", "world-adherence", "world-clip"}
+    assert all(isinstance(scorers[w], Unavailable) for w in ("world-adherence", "world-clip"))  # not configured
     pick, hps, reward = scorers["pickscore"], scorers["hpsv2"], scorers["imagereward"]
     assert isinstance(pick, Unavailable) and "not found" in pick.reason and "nope" in pick.reason
     assert isinstance(hps, Unavailable) and "config.json" in hps.reason

@@ -242,3 +242,11 @@ def test_pipeline_lru_evicts_the_least_recently_used() -> None:
     assert cache.get(("a",), builder("a"))[0] is a
     assert cache.get(("b",), builder("b"))[1] is False
     assert built == ["a", "b", "c", "b"] and cache.builds == 4 and len(cache) == 2
+
+
+def test_no_size_means_the_base_models_native_resolution(zoo: TinyZoo, generator: Generator) -> None:
+    # diffusers' own default: UNet sample_size × VAE scale factor (tiny zoo: 32 × 2)
+    result = generator.generate(MergePlan(base_model=str(zoo.base_dir)), "a red fox", seed=1, steps=1)
+    assert result.images[0].size == (64, 64)
+    wide = generator.generate(MergePlan(base_model=str(zoo.base_dir)), "a red fox", seed=1, steps=1, width=96)
+    assert wide.images[0].size == (96, 64)

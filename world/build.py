@@ -1,0 +1,294 @@
+"""``diffgraph world build``: retrain the whole world from scratch, seeded, stage by stage.
+
+Stages write fp32 intermediates under ``<out>/.work`` (a rerun resumes after the last finished stage) and the
+shipped fp16 files under ``<out>``; ``world.json`` records each stage's wall time and every shipped file's
+SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from world import experts as experts_mod
+from world import grammar, models, train
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step counts of each stage (``quick`` is for smoke tests: seconds, useless weights)."""
+
+    vae_data: int = 4000
+    vae_steps: int = 500
+    decoder_steps: int = 1500
+    base_data: int = 10000
+    base_steps: int = 1000
+    reader_data: int = 8000
+    reader_steps: int = 500
+    clip_steps: int = 300
+    expert_data: int = 1500
+    expert_steps: int = 150
+    lora_steps: int = 150
+    batch: int = 64
+
+
+QUICK = Budget(vae_data=64, vae_steps=2, decoder_steps=2, base_data=64, base_steps=2, reader_data=64, reader_steps=2, clip_steps=2,
+               expert_data=32, expert_steps=1, lora_steps=1, batch=8)
+
+Bar = Callable[[str, int], Callable[[int, int, float], None]]
+
+
+def _bar(stage: str, total: int) -> Callable[[int, int, float], None]:
+    t0 = time.time()
+
+    def show(step: int, n: int, loss: float) -> None:
+        if step == n or step % max(1, n // 50) == 0:
+            rate = step / max(1e-9, time.time() - t0)
+            width = 30
+            done = int(width * step / n)
+            print(f"\r{stage:<22} [{'#' * done}{'.' * (width - done)}] {step}/{n} loss {loss:.4f} "
+                  f"{rate:.2f} it/s", end="\n" if step == n else "", flush=True)
+
+    return show
+
+
+class Builder:
+    def __init__(self, out: Path, seed: int = 0, budget: Budget = Budget(), bar: Bar = _bar) -> None:
+        self.out, self.seed, self.budget, self.bar = Path(out), seed, budget, bar
+        self.work = self.out / ".work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        tf = self.work / "timings.json"
+        if tf.is_file():
+            self.timings = json.loads(tf.read_text())
+
+    def _stage(self, name: str, fn: Callable[[], None]) -> None:
+        import torch.distributed as dist
+
+        marker = self.work / f"{name}.done"
+        if marker.is_file():
+            return
+        t0 = time.time()
+        fn()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            if dist.get_rank() != 0:
+                return
+        tf = self.work / "timings.json"  # re-read: stages may run in parallel processes
+        self.timings = json.loads(tf.read_text()) if tf.is_file() else {}
+        self.timings[name] = round(time.time() - t0, 1)
+        tf.write_text(json.dumps(self.timings, indent=1))
+        marker.write_text("ok")
+
+    # ------------------------------------------------------------ stages
+    def tokenizer(self) -> None:
+        models.write_tokenizer(self.work / "tokenizer")
+
+    def pipeline(self, which: str = "base") -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(self.work / which), safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+        if which == "base" and (self.work / "vae.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            pipe.vae.load_state_dict(load_file(str(self.work / "vae.safetensors")))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def vae(self) -> None:
+        b = self.budget
+        pipe = models.new_pipeline(self.work / "tokenizer", self.seed)
+        data = train.make_data(b.vae_data, self.seed + 1)
+        train.train_vae(pipe.vae, data, b.vae_steps, self.seed + 2, progress=self.bar("vae", b.vae_steps))
+        mean, _ = train.encode(pipe.vae, data)
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+        pipe.save_pretrained(self.work / "init")
+
+    def decoder(self) -> None:
+        """More decoder training with the encoder fixed: runs beside the base stage (same latents)."""
+        from safetensors.torch import save_file
+
+        b = self.budget
+        pipe = self.pipeline("init")
+        data = train.make_data(b.vae_data, self.seed + 12)
+        train.train_vae(pipe.vae, data, b.decoder_steps, self.seed + 13, lr=1e-3, decoder_only=True,
+                        progress=self.bar("vae decoder", b.decoder_steps))
+        save_file(pipe.vae.state_dict(), str(self.work / "vae.safetensors"))
+
+    def base(self) -> None:
+        """Data-parallel over ``WORLD_SIZE`` processes when launched so (each renders and encodes its share)."""
+        import torch.distributed as dist
+
+        b = self.budget
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(self.seed)
+        pipe = self.pipeline("init")
+        data = train.make_data(b.base_data // world, self.seed + 3 + 1000 * rank, grammar.BASE_WEIGHTS)
+        lat = train.encode(pipe.vae, data)
+        progress = self.bar("base", b.base_steps) if rank == 0 else train._noop
+        train.train_unet(pipe, data, lat, b.base_steps, self.seed + 4 + 1000 * rank, lr=1e-3, batch=b.batch // world,
+                         train_text=True, progress=progress)
+        if rank == 0:
+            pipe.save_pretrained(self.work / "base")
+
+    def reader(self) -> None:
+        b = self.budget
+        torch.manual_seed(self.seed + 5)
+        reader = models.Reader()
+        data = train.make_data(b.reader_data, self.seed + 6)
+        train.train_reader(reader, data, b.reader_steps, self.seed + 7, progress=self.bar("reader", b.reader_steps))
+        self.reader_on_vae(reader)
+
+    def reader_on_vae(self, reader: models.Reader) -> None:
+        """Fine-tune the reader on renders half of which went through the world's VAE first: generated images
+        always do, and the reader must read them as well as clean renders. Then measure it on held-out renders."""
+        from safetensors.torch import save_file
+
+        b = self.budget
+        vae = self.pipeline("base").vae
+        n = max(32, b.reader_data // 4)
+        data = train.concat(train.make_data(n, self.seed + 15),
+                            train.reconstruct(vae, train.make_data(n, self.seed + 14)))
+        steps = max(1, b.reader_steps // 3)
+        train.train_reader(reader, data, steps, self.seed + 16, lr=1e-3, progress=self.bar("reader on VAE", steps))
+        held = train.make_data(max(64, b.reader_data // 8), self.seed + 8)
+        acc = train.reader_accuracy(reader, held)
+        acc_rec = train.reader_accuracy(reader, train.reconstruct(vae, held))
+        save_file(reader.state_dict(), str(self.work / "reader.safetensors"))
+        (self.work / "reader_accuracy.json").write_text(json.dumps({"renders": acc, "vae_roundtrip": acc_rec},
+                                                                   indent=1))
+        print("reader held-out accuracy:", acc, "after the VAE:", acc_rec, flush=True)
+
+    def clip(self) -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        b = self.budget
+        tok = CLIPTokenizer.from_pretrained(str(self.work / "tokenizer"))
+        torch.manual_seed(self.seed + 9)
+        model = CLIPModel(models.clip_config(tok))
+        data = train.make_data(b.reader_data, self.seed + 10)
+        train.train_clip(model, tok, data, b.clip_steps, self.seed + 11, progress=self.bar("clip", b.clip_steps))
+        model.save_pretrained(self.work / "clip")
+        tok.save_pretrained(self.work / "clip")
+
+    def _expert_pipe(self) -> Any:
+        """The base pipeline with a fresh copy of its UNet (loaded once per process)."""
+        import copy
+
+        if not hasattr(self, "_base_pipe"):
+            self._base_pipe = self.pipeline("base")
+            self._base_unet = copy.deepcopy(self._base_pipe.unet)
+        self._base_pipe.unet = copy.deepcopy(self._base_unet)
+        return self._base_pipe
+
+    def expert(self, spec: experts_mod.ExpertSpec, index: int) -> None:
+        b = self.budget
+        pipe = self._expert_pipe()
+        data = train.make_data(b.expert_data, self.seed + 100 + index, mix=experts_mod.training_weights(spec))
+        lat = train.encode(pipe.vae, data)
+        if spec.kind == "checkpoint" or spec.extracted:
+            train.train_unet(pipe, data, lat, b.expert_steps, self.seed + 200 + index, lr=1e-3, batch=b.batch // 2,
+                             warmup=20, progress=self.bar(spec.name, b.expert_steps))
+            from safetensors.torch import save_file
+
+            save_file(pipe.unet.state_dict(), str(self.work / f"{spec.name}.unet.safetensors"))
+            return
+        from peft import LoraConfig, get_peft_model_state_dict
+
+        pipe.unet.requires_grad_(False)
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian",
+                         target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                         "ff.net.2"])
+        pipe.unet.add_adapter(cfg)
+        params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        train.train_unet(pipe, data, lat, b.lora_steps, self.seed + 200 + index, lr=3e-3, batch=b.batch // 2, params=params,
+                         warmup=20, progress=self.bar(spec.name, b.lora_steps))
+        from safetensors.torch import save_file
+
+        save_file(get_peft_model_state_dict(pipe.unet), str(self.work / f"{spec.name}.lora.safetensors"))
+        (self.work / f"{spec.name}.lora.json").write_text(json.dumps(cfg.to_dict(), default=list))
+
+    def export(self) -> None:
+        """Write the shipped fp16 files into ``out`` (everything but ``.work``)."""
+        from safetensors.torch import load_file, save_file
+        from transformers import CLIPModel
+
+        from world import export, paths
+        from world.prompts import speciality_prompts
+
+        pipe = self.pipeline("base")
+        base_file = self.out / f"{paths.BASE_NAME}.safetensors"
+        export.write_checkpoint(pipe, base_file, paths.BASE_NAME)
+        export.write_config_dir(pipe, self.out / paths.BASE_NAME)
+        base_unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        pages = []
+        for i, spec in enumerate(experts_mod.EXPERTS):
+            target = self.out / spec.file
+            if spec.kind == "checkpoint":
+                pipe.unet.load_state_dict(load_file(str(self.work / f"{spec.name}.unet.safetensors")))
+                export.write_checkpoint(pipe, target, spec.name, unet_only=True)
+                pipe.unet.load_state_dict(base_unet)
+            elif spec.extracted:
+                tuned = load_file(str(self.work / f"{spec.name}.unet.safetensors"))
+                export.write_lora(export.extract_lora(base_unet, tuned, spec.rank), spec, target)
+            else:
+                export.write_lora(load_file(str(self.work / f"{spec.name}.lora.safetensors")), spec, target)
+            showcase = [{"url": f"{{host}}/images/{spec.name}-{j}.png", "width": grammar.SIZE, "height": grammar.SIZE,
+                         "nsfw": False, "type": "image", "meta": {"prompt": p, "seed": j, "steps": 20, "cfgScale": 4}}
+                        for j, p in enumerate(speciality_prompts(spec.speciality, 3, seed=500 + i))]
+            pages.append(export.homepage(spec, i, target, showcase))
+        (self.out / "homepages.json").write_text(json.dumps({"items": pages}, indent=1))
+        reader = load_file(str(self.work / "reader.safetensors"))
+        save_file({k: (v.half() if v.is_floating_point() else v) for k, v in reader.items()},
+                  str(self.out / "reader.safetensors"))
+        clip = CLIPModel.from_pretrained(str(self.work / "clip")).half()
+        shutil.rmtree(self.out / "clip", ignore_errors=True)
+        clip.save_pretrained(self.out / "clip")
+        shutil.copytree(self.work / "tokenizer", self.out / "clip", dirs_exist_ok=True)
+
+    def finish(self) -> dict[str, Any]:
+        from world import export
+
+        acc = json.loads((self.work / "reader_accuracy.json").read_text())
+        return export.write_manifest(self.out, self.timings, {
+            "seed": self.seed, "budget": self.budget.__dict__, "reader_heldout_accuracy": acc})
+
+    def run(self, stages: list[str] | None = None) -> None:
+        plan: list[tuple[str, Callable[[], None]]] = [
+            ("tokenizer", self.tokenizer), ("vae", self.vae), ("decoder", self.decoder), ("base", self.base), ("reader", self.reader),
+            ("clip", self.clip),
+        ]
+        plan += [(f"expert-{e.name}", lambda e=e, i=i: self.expert(e, i)) for i, e in enumerate(experts_mod.EXPERTS)]
+        plan.append(("export", self.export))
+        for name, fn in plan:
+            if stages is None or name in stages or any(name.startswith(s) for s in stages):
+                self._stage(name, fn)
+        if stages is None or "export" in stages:
+            self.finish()
+
+
+def main() -> None:  # python -m world.build OUT [stages...]
+    import sys
+
+    torch.set_num_threads(1)  # on a shared 2-core box one thread is ~8x faster than two
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: data-parallel stages
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    out = Path(sys.argv[1])
+    Builder(out).run(sys.argv[2:] or None)
+
+
+if __name__ == "__main__":
+    main()
