@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.types import MergePlan, PlannedExpert, ValidationFailed
 from merger.errors import MergeError
@@ -153,6 +153,9 @@ class Generator:
             key, lambda: load_pipeline(weights, base.config_dir, base.family, self.device, self.dtype))
         report("load", 1, 1)
         timings["load"] = time.perf_counter() - start
+        if width is None or height is None:  # diffusers drops a lone width/height: fill the other in natively
+            native_h, native_w = native_size(entry.pipe)
+            width, height = width or native_w, height or native_h
 
         start = time.perf_counter()
         report("lora", 0, len(lora_paths))
@@ -189,6 +192,18 @@ class Generator:
             restore_start = time.perf_counter()
         timings["lora"] += time.perf_counter() - restore_start
         return GenerationResult(images=list(out.images), timings=timings, lora_mode=mode)
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) a diffusers pipeline samples when given no size: the UNet's ``sample_size`` (or the
+    transformer pipeline's ``default_sample_size``) × the VAE scale factor."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        size = unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[1])
+    else:
+        h = w = int(pipe.default_sample_size)
+    return int(h) * int(pipe.vae_scale_factor), int(w) * int(pipe.vae_scale_factor)
 
 
 _shared: dict[tuple[object, ...], Generator] = {}

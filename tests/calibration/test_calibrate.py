@@ -174,21 +174,22 @@ def test_base_image_cache_key_covers_dtype_and_device() -> None:
 
 def test_a_scorer_whose_package_fails_to_import_is_reported_unavailable(calib_settings, tiny_zoo, register,
                                                                         tmp_path: Path, monkeypatch) -> None:
-    """An installed but broken ImageReward (its import raises) costs that scorer only, with a one-line reason."""
+    """A scorer whose loader's import raises (an installed but broken package) costs that scorer only, with a
+    one-line reason. ImageReward itself runs on transformers' BLIP classes now, so a broken package stands in
+    for any scorer dependency."""
+    import importlib
+
+    from calibration import scorers as scorer_registry
     from calibration.scorers import Unavailable, available_scorers
 
-    pkg = tmp_path / "site" / "ImageReward"
+    pkg = tmp_path / "site" / "broken_reward_pkg"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise ImportError(\"cannot import name 'BertTokenizer' from 'transformers'\\n"
                                      "more detail on a second line\")\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    weights = tmp_path / "reward" / "ImageReward.pt"
-    weights.parent.mkdir()
-    weights.write_bytes(b"not really a checkpoint")
-    (weights.parent / "med_config.json").write_text("{}")
-    settings = calib_settings.model_copy(update={
-        "allow_pickle": True, "calib_prompts": 1,
-        "scorer_paths": {**calib_settings.scorer_paths, "imagereward": str(weights)}})
+    monkeypatch.setitem(scorer_registry.LOADERS, "imagereward",
+                        lambda settings: importlib.import_module("broken_reward_pkg"))
+    settings = calib_settings.model_copy(update={"calib_prompts": 1})
     scorers = available_scorers(settings)
     reward = scorers["imagereward"]
     assert isinstance(reward, Unavailable) and "ImportError" in reward.reason and "BertTokenizer" in reward.reason
