@@ -90,7 +90,10 @@ class MergeRecipe:
         unknown = set(data) - {"base", "experts", "merge_method", "density", "seed", "dtype", "family"}
         if unknown:
             raise ValueError(f"unknown merge recipe field(s): {', '.join(sorted(unknown))}")
-        return cls(**{**data, "experts": tuple((p, w) for p, w in data.get("experts", []))})
+        try:
+            return cls(**{**data, "experts": tuple((p, w) for p, w in data.get("experts", []))})
+        except (TypeError, ValueError) as exc:  # e.g. an expert that is not a [path, weight] pair
+            raise ValueError(f"invalid merge recipe: {exc}") from None
 
     def digest(self) -> str:
         """A stable 32-hex-digit hash of what determines the merged tensors.

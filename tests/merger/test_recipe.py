@@ -18,6 +18,8 @@ def test_json_round_trip_and_equality() -> None:
     assert MergeRecipe("b", [("x", 1)]) == MergeRecipe("b", (("x", 1.0),))  # normalised types
     with pytest.raises(ValueError, match="unknown merge recipe field"):
         MergeRecipe.from_json('{"base": "b", "method": "ties"}')
+    with pytest.raises(ValueError, match="invalid merge recipe"):
+        MergeRecipe.from_json('{"base": "b", "experts": [["x"]]}')
 
 
 def test_digest_matches_the_cache_keys_merges_were_stored_under() -> None:
