@@ -137,10 +137,11 @@ def run_case(case: str, workdir: Path, device: str) -> dict:
                 for key in wf.keys():
                     wf.get(key)
     elif case.endswith("_merge"):
-        from merger.merge import merge_checkpoints
+        from merger.merge import merge
+        from merger.recipe import MergeRecipe
 
-        merge_checkpoints(inputs[0], [(inputs[1], WEIGHTS[0]), (inputs[2], WEIGHTS[1])], "task_arithmetic", out,
-                          dtype="fp16" if family == "sdxl" else "bf16", family=family)
+        merge(MergeRecipe(str(inputs[0]), ((str(inputs[1]), WEIGHTS[0]), (str(inputs[2]), WEIGHTS[1])),
+                          "task_arithmetic", dtype="fp16" if family == "sdxl" else "bf16", family=family), out)
         extra["out_bytes"] = out.stat().st_size
         out.unlink()
     elif case.endswith("_sample"):

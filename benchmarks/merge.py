@@ -110,14 +110,16 @@ def run_case(case: str, inputs: list[Path], out: Path) -> None:
             merged[key] = acc.half()
         save_file(merged, str(out))
     elif case == "ours":
-        from merger.merge import merge_checkpoints
+        from merger.merge import merge
+        from merger.recipe import MergeRecipe
 
-        merge_checkpoints(base, [(e1, WEIGHTS[0]), (e2, WEIGHTS[1])], "task_arithmetic", out, dtype="fp16",
-                          family="sd15")
+        merge(MergeRecipe(str(base), ((str(e1), WEIGHTS[0]), (str(e2), WEIGHTS[1])), "task_arithmetic",
+                          dtype="fp16", family="sd15"), out)
     elif case == "ours_weighted_average":
-        from merger.merge import merge_checkpoints
+        from merger.merge import merge
+        from merger.recipe import MergeRecipe
 
-        merge_checkpoints(base, [(e1, 0.5)], "weighted_average", out, dtype="fp16", family="sd15")
+        merge(MergeRecipe(str(base), ((str(e1), 0.5),), "weighted_average", dtype="fp16", family="sd15"), out)
     elif case in ("sd_mecha", "sd_mecha_weighted_sum"):
         import functools
 

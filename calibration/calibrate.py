@@ -293,7 +293,7 @@ def plan_for(expert: Expert, path: Path, base_family: str, base_model: str) -> M
         coefficient=1.0 if not expert.kind.is_adapter else float(expert.recommended_weight or 1.0),
         reason="calibration",
     )
-    common = {"prompt": "", "base_family": base_family, "base_model": base_model, "method": "explicit",
+    common = {"prompt": "", "base_family": base_family, "base_model": base_model, "coefficients": "explicit",
               "merge_method": "task_arithmetic"}
     if expert.kind is ExpertKind.embedding:
         return MergePlan(**common, embeddings=[planned])
@@ -428,7 +428,7 @@ def calibrate_experts(
                 raise SetupError(f"no base model configured for family {family!r} (set base_models)")
             if not Path(base).exists():
                 raise SetupError(f"base model for {family!r} not found at {base}")
-            base_plan = MergePlan(prompt="", base_family=family, base_model=base, method="explicit")
+            base_plan = MergePlan(prompt="", base_family=family, base_model=base, coefficients="explicit")
             sampler = sampler or _Sampler(settings, cfg, progress)
             base_images = sampler.images(f"base {family}", base_plan, base_fp=_fingerprint(Path(base)))
             base_scores = _score_all(scorers, base_images, prompts_by_id)

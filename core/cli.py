@@ -23,6 +23,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def deprecated(old: str, new: str) -> None:
+    """Say on stderr that flag ``old`` still works but is spelled ``new`` now (the public-interface rule)."""
+    console.print(f"[yellow]deprecated:[/] {old} is now {new}; {old} still works for now", highlight=False,
+                  soft_wrap=True)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()

@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 MAX_TEXT = 20_000  # upper bound for any free text stored on a node
 MAX_SHORT = 512
@@ -194,8 +202,9 @@ class MergePlan(BaseModel):
     prompt: str = ""
     base_family: str = "sd15"
     base_model: str = ""  # path or identifier of the base weights; empty = settings.base_models[family]
-    method: str = "vgae"  # planner method: vgae | fixed | similarity | direct | explicit
-    merge_method: str = "task_arithmetic"  # weighted_average | task_arithmetic | ties | dare
+    # how the planner chose the coefficients: vgae | fixed | similarity | direct | explicit (| base, eval names)
+    coefficients: str = "vgae"
+    merge_method: str = "task_arithmetic"  # how the merger combines checkpoints: weighted_average | ... | dare
     density: float = 0.5  # ties/dare keep-rate
     seed: int = 0
     checkpoints: list[PlannedExpert] = Field(default_factory=list)
@@ -209,6 +218,24 @@ class MergePlan(BaseModel):
     @property
     def experts(self) -> list[PlannedExpert]:
         return [*self.checkpoints, *self.loras, *self.embeddings]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_method_key(cls, data: Any) -> Any:
+        """Plans written before the rename call ``coefficients`` ``method``; both keys are read (and both are
+        written, see :attr:`method`), so they must agree when both are given."""
+        if isinstance(data, dict) and "method" in data:
+            data = dict(data)
+            old = data.pop("method")
+            if data.setdefault("coefficients", old) != old:
+                raise ValueError(f"method {old!r} and coefficients {data['coefficients']!r} disagree")
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`coefficients`, still written to JSON for readers of the old key."""
+        return self.coefficients
 
 
 class GenerationStatus(StrEnum):

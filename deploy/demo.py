@@ -205,7 +205,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
         result = run_generation(settings, f"demo-{n}", prompt, {"seed": n, "method": "vgae"})
         plan = MergePlan.model_validate(result["plan"])
         (out / f"plan_{n}.json").write_text(plan.model_dump_json(indent=2))
-        base_img = base_generator.generate(MergePlan(prompt=prompt, method="base"), prompt, seed=n,
+        base_img = base_generator.generate(MergePlan(prompt=prompt, coefficients="base"), prompt, seed=n,
                                                 steps=cfg.steps, guidance=cfg.guidance).images[0]
         base_path = out / f"base_{n}.png"
         base_img.save(base_path)
@@ -285,7 +285,7 @@ def write_report(settings: Settings, out: Path, generations: list[dict[str, Any]
         sections.append(
             f"""<section><h2>{n}. {esc(plan.prompt or result['prompt'])}</h2>
 <div class="row"><div class="imgs">{images}</div><div>
-<p>method <code>{esc(plan.method)}</code>, merge <code>{esc(plan.merge_method)}</code>, base
+<p>method <code>{esc(plan.coefficients)}</code>, merge <code>{esc(plan.merge_method)}</code>, base
 <code>{esc(plan.base_family)}</code> — <a href="plan_{n}.json">plan_{n}.json</a></p>
 <table><tr><th>expert</th><th>kind</th><th>coefficient</th><th>Beta mean ± sd</th><th>reason</th></tr>{rows}</table>
 <ul>{notes}</ul></div></div>{viz}</section>"""

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from core.cli import console, fail, print_json, user_errors
+from core.cli import console, deprecated, fail, print_json, user_errors
 from core.settings import Settings, get_settings
 
 POOLS = ("prefork", "solo", "threads")
@@ -139,7 +139,9 @@ def register(app: typer.Typer) -> None:
         width: int | None = typer.Option(None, "--width", help="Multiple of 8 (default DIFFGRAPH_GEN_SIZE, else the base's native size)."),
         height: int | None = typer.Option(None, "--height", help="Multiple of 8 (default DIFFGRAPH_GEN_SIZE, else the base's native size)."),
         num_images: int = typer.Option(1, "--num-images"),
-        method: str = typer.Option("vgae", "--method", help="Planner method: vgae|fixed|similarity|direct."),
+        coefficients: str = typer.Option("", "--coefficients", help="How the planner picks coefficients: "
+                                         "vgae|fixed|similarity|direct (default vgae)."),
+        old_method: str = typer.Option("", "--method", hidden=True, help="Deprecated: --coefficients."),
         plan_file: Path | None = typer.Option(None, "--plan", help="An explicit MergePlan JSON file."),
         submit: bool = typer.Option(False, "--submit", help="Send to Celery instead of running in-process."),
         wait: bool = typer.Option(False, "--wait", help="With --submit: follow progress and print the result."),
@@ -158,6 +160,9 @@ def register(app: typer.Typer) -> None:
         from deploy.generation import validate_request
 
         settings = get_settings()
+        if old_method:
+            deprecated("--method", "--coefficients")
+        method = coefficients or old_method or "vgae"
         options = _options(negative_prompt, seed, steps, guidance, width, height, num_images, method, plan_file,
                            scheduler, clip_skip)
         with user_errors():

@@ -216,7 +216,7 @@ def _generator(settings: Settings) -> Any:
 def _plan(settings: Settings, prompt: str, opts: GenerateOptions) -> MergePlan:
     if opts.plan is not None:
         plan = opts.plan.model_copy(deep=True)
-        plan.method = "explicit"
+        plan.coefficients = "explicit"
         plan.prompt = plan.prompt or prompt
         return plan
     from planner import make_plan

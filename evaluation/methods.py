@@ -68,7 +68,7 @@ class EvalContext:
     _agents: dict[str, Any] = field(default_factory=dict)
 
     def base_plan(self, method: str, prompt: str = "") -> MergePlan:
-        return MergePlan(prompt=prompt, base_family=self.family, base_model=self.base_model, method=method,
+        return MergePlan(prompt=prompt, base_family=self.family, base_model=self.base_model, coefficients=method,
                          seed=PLAN_SEED)
 
     def note(self, method: str, text: str) -> None:
@@ -232,7 +232,7 @@ class KLora(Planned):
             expert_id=f"k-lora:{path.stem}", name=f"K-LoRA({a.name}, {b.name})", kind=ExpertKind.lora,
             coefficient=1.0, path=str(path), reason=f"K-LoRA of {a.expert_id} and {b.expert_id}",
         )
-        return plan.model_copy(update={"loras": [combined], "method": self.name})
+        return plan.model_copy(update={"loras": [combined], "coefficients": self.name})
 
 
 def _resolve_paths(ctx: EvalContext, plan: MergePlan) -> None:

@@ -11,7 +11,7 @@ Layout of the output directory::
 A rerun skips images that exist and have every requested score, scores saved images that lack a newly
 requested metric, and samples the rest. Prompts whose plans are identical are sampled in one batch, each
 image with its own seed (so an image never depends on its batch), and checkpoint merges are cached by
-recipe (:func:`merger.merge.merged_checkpoint`), so a rerun of a finished method costs nothing.
+recipe (:func:`merger.merge.cached_merge`), so a rerun of a finished method costs nothing.
 """
 
 from __future__ import annotations

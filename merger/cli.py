@@ -9,9 +9,8 @@ from typing import Any
 
 import typer
 
-from core.cli import console, fail, print_json, user_errors
-
-METHOD_NAMES = ("weighted_average", "task_arithmetic", "ties", "dare")
+from core.cli import console, deprecated, fail, print_json, user_errors
+from merger.recipe import MERGE_METHODS, MergeRecipe
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def _existing(item: WeightedPath, what: str) -> WeightedPath:
     return item
 
 
-def _from_plan(plan_file: Path) -> tuple[str, list[WeightedPath], list[WeightedPath], dict[str, Any]]:
+def _from_plan(plan_file: Path) -> tuple[MergeRecipe, list[WeightedPath]]:
     from core.settings import get_settings
     from core.types import MergePlan
 
@@ -53,14 +52,16 @@ def _from_plan(plan_file: Path) -> tuple[str, list[WeightedPath], list[WeightedP
     base = plan.base_model or get_settings().base_models.get(plan.base_family, "")
     if not base:
         fail(f"the plan names no base model and DIFFGRAPH_BASE_MODELS has none for {plan.base_family!r}")
-    items = {"checkpoint": [], "LoRA": []}
-    for label, experts in (("checkpoint", plan.checkpoints), ("LoRA", plan.loras)):
-        for e in experts:
-            if not e.path:
-                fail(f"{label} {e.expert_id} in the plan has no local path (resolve it with ensure_local first)")
-            items[label].append(WeightedPath(Path(e.path), e.coefficient))
-    options = {"method": plan.merge_method, "density": plan.density, "seed": plan.seed}
-    return base, items["checkpoint"], items["LoRA"], options
+    try:
+        recipe = MergeRecipe.from_plan(plan, base, dtype="fp16")
+    except ValueError as exc:
+        fail(str(exc))
+    loras = []
+    for e in plan.loras:
+        if not e.path:
+            fail(f"LoRA {e.expert_id} in the plan has no local path (resolve it with ensure_local first)")
+        loras.append(WeightedPath(Path(e.path), e.coefficient))
+    return recipe, loras
 
 
 def register(app: typer.Typer) -> None:
@@ -71,8 +72,9 @@ def register(app: typer.Typer) -> None:
         base: str = typer.Option("", "--base", help="Base model: single-file .safetensors or diffusers dir."),
         ckpt: list[str] = typer.Option([], "--ckpt", help="Checkpoint expert FILE:WEIGHT (repeatable)."),
         lora: list[str] = typer.Option([], "--lora", help="LoRA FILE:WEIGHT to fuse (repeatable)."),
-        method: str = typer.Option("", "--method", help="weighted_average | task_arithmetic | ties | dare "
-                                                        "(default: task_arithmetic)"),
+        merge_method: str = typer.Option("", "--merge-method", help="weighted_average | task_arithmetic | ties | "
+                                                                    "dare (default: task_arithmetic)"),
+        old_method: str = typer.Option("", "--method", hidden=True, help="Deprecated spelling of --merge-method."),
         density: float | None = typer.Option(None, "--density", help="ties/dare keep-rate (default: 0.5)"),
         seed: int | None = typer.Option(None, "--seed", help="dare's mask seed (default: 0)"),
         dtype: str = typer.Option("fp16", "--dtype", help="fp16 | fp32 | bf16"),
@@ -80,20 +82,25 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
         """Merge checkpoints into a base (streaming) and fuse LoRAs; the output keeps the base's layout."""
-        opts: dict[str, Any] = {}
+        method = merge_method or old_method
         ckpts = [parse_weighted(v, "--ckpt") for v in ckpt]
         loras = [parse_weighted(v, "--lora") for v in lora]
+        planned = None
         if plan is not None:
-            plan_base, plan_ckpts, plan_loras, opts = _from_plan(plan)
-            base = base or plan_base
-            ckpts, loras = ckpts or plan_ckpts, loras or plan_loras
+            planned, plan_loras = _from_plan(plan)
+            base = base or planned.base
+            ckpts = ckpts or [WeightedPath(Path(p), w) for p, w in planned.experts]
+            loras = loras or plan_loras
         if not base:
             fail("give --base (or --plan)")
-        method = method or opts.get("method", "task_arithmetic")
-        density = density if density is not None else opts.get("density", 0.5)
-        seed = seed if seed is not None else opts.get("seed", 0)
-        if method not in METHOD_NAMES:
-            fail(f"unknown --method {method!r} (choose from {', '.join(METHOD_NAMES)})")
+        method = method or (planned.merge_method if planned else "task_arithmetic")
+        density = density if density is not None else (planned.density if planned else 0.5)
+        seed = seed if seed is not None else (planned.seed if planned else 0)
+        if method not in MERGE_METHODS:
+            flag = "--method" if old_method and not merge_method else "--merge-method"
+            fail(f"unknown {flag} {method!r} (choose from {', '.join(MERGE_METHODS)})")
+        if old_method:  # after the check, so a bad value still gives one line
+            deprecated("--method", "--merge-method")
         if not ckpts and not loras:
             fail("nothing to merge: give --ckpt FILE:WEIGHT and/or --lora FILE:WEIGHT")
         base_path = Path(base).expanduser()
@@ -103,20 +110,21 @@ def register(app: typer.Typer) -> None:
         loras = [_existing(x, "LoRA") for x in loras]
         if base_path.is_file() and out.suffix != ".safetensors":
             fail(f"--out {out}: a single-file base is written as one .safetensors file")
+        recipe = MergeRecipe(str(base_path), tuple((str(c.path), c.weight) for c in ckpts), method, density, seed,
+                             dtype)
         with user_errors():
-            summary = _run(base_path, ckpts, loras, method, density, seed, dtype, out)
+            summary = _run(recipe, loras, out)
         if as_json:
             print_json(summary)
         else:
             _print_summary(summary)
 
 
-def _run(base: Path, ckpts: list[WeightedPath], loras: list[WeightedPath], method: str, density: float, seed: int,
-         dtype: str, out: Path) -> dict[str, Any]:
+def _run(recipe: MergeRecipe, loras: list[WeightedPath], out: Path) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.settings import get_settings
-    from merger.merge import merge_checkpoints, read_recipe
+    from merger.merge import merge, read_recipe
 
     allow_pickle = get_settings().allow_pickle
     started = time.perf_counter()
@@ -129,24 +137,24 @@ def _run(base: Path, ckpts: list[WeightedPath], loras: list[WeightedPath], metho
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("merge", total=None)
-        result = merge_checkpoints(
-            base, [(c.path, c.weight) for c in ckpts], method, out, dtype=dtype, density=density, seed=seed,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-            allow_pickle=allow_pickle, loras=lora_deltas,
-        )
+        result = merge(recipe, out, lambda done, total: bar.update(task, completed=done, total=total),
+                       allow_pickle=allow_pickle, loras=lora_deltas)
     seconds = time.perf_counter() - started
+    method = recipe.merge_method
     files = [result] if result.is_file() else sorted(result.rglob("*.safetensors"))
-    recipe = read_recipe(files[0]) or {}
+    written = read_recipe(files[0]) or {}
     return {
         "out": str(result),
         "layout": "single_file" if result.is_file() else "diffusers",
-        "family": recipe.get("family"),
-        "base": str(base),
-        "method": method,
-        "dtype": dtype,
-        "density": density if method in ("ties", "dare") else None,
-        "seed": seed if method == "dare" else None,
-        "checkpoints": [{"path": str(c.path), "weight": c.weight} for c in ckpts],
+        "family": written.get("family"),
+        "base": recipe.base,
+        "merge_method": method,
+        "method": method,  # the pre-recipe key, kept for existing readers of --json
+        "dtype": recipe.dtype,
+        "density": recipe.density if method in ("ties", "dare") else None,
+        "seed": recipe.seed if method == "dare" else None,
+        "checkpoints": [{"path": p, "weight": w} for p, w in recipe.experts],
+        "recipe_digest": recipe.digest(),
         "loras": [{"path": str(x.path), "weight": x.weight, "format": d.format}
                   for x, (d, _) in zip(loras, lora_deltas, strict=True)],
         "bytes": sum(f.stat().st_size for f in files),

@@ -136,10 +136,10 @@ class Generator:
         start = time.perf_counter()
         report("merge", 0, 1)
         if checkpoints:
-            from merger.merge import merged_checkpoint
+            from merger.merge import cached_merge
+            from merger.recipe import MergeRecipe
 
-            weights = merged_checkpoint(self.settings, base.path, checkpoints, plan.merge_method, self.dtype,
-                                        plan.density, plan.seed)
+            weights = cached_merge(self.settings, MergeRecipe.from_plan(plan, str(base.path), self.dtype))
             identity = f"merge:{file_identity(weights)}"
         else:
             weights, identity = base.path, f"base:{file_identity(base.path)}"

@@ -42,6 +42,7 @@ from merger.merge_writer import (
     safetensors_dtype,
     torch_dtype,
 )
+from merger.recipe import MERGE_METHODS, METADATA_KEY, MergeRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from core.settings import Settings
     from merger.lora import LoraDeltas
 
-METHODS = ("weighted_average", "task_arithmetic", "ties", "dare")
+METHODS = MERGE_METHODS
 Progress = Callable[[int, int], None]
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _INFLIGHT_BYTES = 256 * 1024 * 1024
@@ -166,57 +167,53 @@ def validate(method: str, weights: list[float], density: float, dtype: str) -> N
 
 # ---------------------------------------------------------------- streaming execution
 
-def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str = "task_arithmetic",
-                      out: Path = Path("merged.safetensors"), dtype: str = "fp16", density: float = 0.5,
-                      seed: int = 0, progress: Progress | None = None, *, allow_pickle: bool = False,
-                      provenance: dict[str, Any] | None = None,
-                      loras: Sequence[tuple[LoraDeltas, float]] = (), family: str | None = None,
-                      link_unchanged: bool = False) -> Path:
-    """Merge checkpoint experts into ``base`` tensor by tensor and write ``out``.
+def merge(recipe: MergeRecipe, out: Path, progress: Progress | None = None, *, allow_pickle: bool = False,
+          provenance: dict[str, Any] | None = None, loras: Sequence[tuple[LoraDeltas, float]] = (),
+          link_unchanged: bool = False) -> Path:
+    """Execute ``recipe``: merge its checkpoint experts into its base tensor by tensor and write ``out``.
 
     Args:
-        base (`Path`): single-file checkpoint (original layout) or diffusers directory.
-        experts (`list[tuple[Path, float]]`): each expert (either layout, same family) with its weight.
-        method (`str`): ``weighted_average`` | ``task_arithmetic`` | ``ties`` | ``dare``.
+        recipe (`MergeRecipe`): base (single-file checkpoint or diffusers directory), experts (either
+            layout, same family) with weights, merge method, density, seed, dtype (fp32 accumulation).
         out (`Path`): a ``.safetensors`` file (original single-file layout), or — for a diffusers base —
             a directory, which becomes a complete diffusers pipeline directory.
-        dtype (`str`, *optional*, defaults to ``"fp16"``): dtype of merged tensors (fp32 accumulation).
-        density (`float`): ties/dare keep-rate. seed (`int`): dare's mask seed.
         progress (`Callable[[int, int], None]`, *optional*): called with (tensors done, total).
         allow_pickle (`bool`): let pickled inputs be read with ``torch.load(weights_only=True)``.
-        provenance (`dict`, *optional*): extra recipe fields stored in the output's ``__metadata__``.
+        provenance (`dict`, *optional*): extra fields stored in the output's ``diffgraph_recipe`` metadata.
         loras (`list[tuple[LoraDeltas, float]]`, *optional*): LoRAs (from ``merger.lora.load_lora``) fused
             into the merged weights with these strengths, in the same pass, before the cast.
-        family (`str`, *optional*): the family to assume for a UNet-only base the keys cannot identify.
         link_unchanged (`bool`, *optional*): a diffusers-directory output symlinks the base's files it does
             not rewrite instead of copying them (the on-disk merge cache).
 
     Returns:
-        `Path`: ``out``.
+        `Path`: ``out``. Its ``__metadata__`` carries ``recipe.to_json()`` under ``diffgraph.recipe`` and a
+        provenance summary (input names, LoRAs, ``provenance``) under ``diffgraph_recipe``.
 
     Raises:
         MergeError, IncompatibleExpert, UnsafeFormat, CorruptWeights, FileNotFoundError.
     """
-    weights = [float(w) for _, w in experts]
+    method, dtype, density, seed = recipe.merge_method, recipe.dtype, recipe.density, recipe.seed
+    weights = [w for _, w in recipe.experts]
     validate(method, weights, density, dtype)
-    if not experts and not loras:
+    if not recipe.experts and not loras:
         raise MergeError("nothing to merge: give at least one checkpoint or LoRA")
     out = Path(out)
-    with open_source(base, allow_pickle=allow_pickle, family=family) as src:
+    with open_source(Path(recipe.base), allow_pickle=allow_pickle, family=recipe.family) as src:
         sources: list[ModelSource] = []
         try:
-            for path, _ in experts:
-                sources.append(open_source(path, allow_pickle=allow_pickle, family=src.family.name))
+            for path, _ in recipe.experts:
+                sources.append(open_source(Path(path), allow_pickle=allow_pickle, family=src.family.name))
             aligned = [align(src, expert) for expert in sources]
             hook = lora_fusion_hook(src, loras) if loras else None
-            recipe = {
+            summary = {
                 "tool": "diffgraph", "method": method, "dtype": dtype, "density": density, "seed": seed,
                 "family": src.family.name, "base": src.name,
                 "experts": [{"name": s.name, "weight": w} for s, w in zip(sources, weights, strict=True)],
                 "loras": [{"name": lora.name, "format": lora.format, "weight": float(w)} for lora, w in loras],
                 **(provenance or {}),
             }
-            metadata = {"format": "pt", "diffgraph_recipe": json.dumps(recipe, sort_keys=True)}
+            metadata = {"format": "pt", "diffgraph_recipe": json.dumps(summary, sort_keys=True),
+                        METADATA_KEY: recipe.to_json()}
             job = _MergeJob(src, aligned, weights, method, density, seed, torch_dtype(dtype), hook)
             if out.suffix == ".safetensors":
                 job.write_single_file(out, metadata, progress)
@@ -228,6 +225,19 @@ def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str
             for s in sources:
                 s.close()
     return out
+
+
+def merge_checkpoints(base: Path, experts: list[tuple[Path, float]], method: str = "task_arithmetic",
+                      out: Path = Path("merged.safetensors"), dtype: str = "fp16", density: float = 0.5,
+                      seed: int = 0, progress: Progress | None = None, *, allow_pickle: bool = False,
+                      provenance: dict[str, Any] | None = None,
+                      loras: Sequence[tuple[LoraDeltas, float]] = (), family: str | None = None,
+                      link_unchanged: bool = False) -> Path:
+    """:func:`merge` with the recipe spelled out as arguments (the pre-recipe call, kept for scripts)."""
+    recipe = MergeRecipe(str(base), tuple((str(p), float(w)) for p, w in experts), method, density, seed, dtype,
+                         family)
+    return merge(recipe, out, progress, allow_pickle=allow_pickle, provenance=provenance, loras=loras,
+                 link_unchanged=link_unchanged)
 
 
 class _MergeJob:
@@ -427,46 +437,40 @@ def source_digest(path: Path, cache_file: Path | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def merge_key(base_digest: str, experts: list[tuple[str, float]], method: str, dtype: str, density: float,
-              seed: int) -> str:
-    """The cache key of a checkpoint merge. Density only matters to ties/dare and the seed only to dare,
-    so other methods share entries across those settings."""
-    recipe = {
-        # v2: ties divides by the agreeing experts' summed weight (v1 merges used their count).
-        "v": 2 if method == "ties" else 1, "base": base_digest, "experts": [[d, float(w)] for d, w in experts], "method": method,
-        "dtype": dtype, "density": float(density) if method in ("ties", "dare") else None,
-        "seed": int(seed) if method == "dare" else None,
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:32]
+def cached_merge(settings: Settings, recipe: MergeRecipe, progress: Progress | None = None) -> Path:
+    """The merged checkpoint of ``recipe``, built once and then reused.
+
+    Stored at ``<data_dir>/cache/merges/<digest>`` where the digest is that of the recipe over its inputs'
+    SHA-256s (:meth:`MergeRecipe.digest`); the cache is bounded by ``merge_cache_bytes`` and shared safely
+    between processes (``merger.merge_cache``). An SD1.5 merge is one original-layout ``.safetensors``
+    (a diffusers-dir base too: ``from_single_file(path, config=<base dir>)`` loads it).
+    """
+    base = Path(recipe.base)
+    experts = [(Path(p), w) for p, w in recipe.experts]
+    swapped = _swap_in(base, experts, recipe.merge_method, settings.allow_pickle)
+    if swapped is not None:
+        return swapped
+    hashes = Path(settings.data_dir) / "cache" / "sha256.json"
+    base_digest = source_digest(base, hashes)
+    expert_digests = [source_digest(p, hashes) for p, _ in experts]
+    key = recipe.with_sources(base_digest, expert_digests).digest()
+    # SD1.5 merges become one original-layout file; the other families' original layouts fuse tensors, so a
+    # diffusers base stays a diffusers directory (unchanged components linked, not copied: FLUX's T5 is 9 GB)
+    as_dir = base.is_dir() and _dir_arch(base) != "sd15"
+    provenance = {"base_sha256": base_digest, "expert_sha256": expert_digests, "cache_key": key}
+    cache = MergeCache(Path(settings.data_dir) / "cache" / "merges", settings.merge_cache_bytes)
+    return cache.get_or_build(key, lambda out: merge(
+        recipe, out, progress, allow_pickle=settings.allow_pickle, provenance=provenance, link_unchanged=as_dir),
+        directory=as_dir)
 
 
 def merged_checkpoint(settings: Settings, base: Path, experts: list[tuple[Path, float]],
                       method: str = "task_arithmetic", dtype: str | None = None, density: float = 0.5,
                       seed: int = 0, progress: Progress | None = None) -> Path:
-    """The merged checkpoint as one original-layout ``.safetensors``, built once and then reused.
-
-    Stored at ``<data_dir>/cache/merges/<hash>.safetensors`` where the hash covers the inputs' SHA-256s,
-    the weights, method, dtype, and (where they matter) density and seed; the cache is bounded by
-    ``merge_cache_bytes`` and shared safely between processes (``merger.merge_cache``). ``dtype`` defaults to the
-    settings' resolved dtype. A diffusers-dir base yields an original-layout file, which
-    ``from_single_file(path, config=<base dir>)`` loads.
-    """
-    dtype = dtype or settings.resolved_dtype()
-    swapped = _swap_in(Path(base), experts, method, settings.allow_pickle)
-    if swapped is not None:
-        return swapped
-    hashes = Path(settings.data_dir) / "cache" / "sha256.json"
-    base_digest = source_digest(Path(base), hashes)
-    expert_digests = [(source_digest(Path(p), hashes), w) for p, w in experts]
-    key = merge_key(base_digest, expert_digests, method, dtype, density, seed)
-    # SD1.5 merges become one original-layout file; the other families' original layouts fuse tensors, so a
-    # diffusers base stays a diffusers directory (unchanged components linked, not copied: FLUX's T5 is 9 GB)
-    as_dir = Path(base).is_dir() and _dir_arch(Path(base)) != "sd15"
-    provenance = {"base_sha256": base_digest, "expert_sha256": [d for d, _ in expert_digests], "cache_key": key}
-    cache = MergeCache(Path(settings.data_dir) / "cache" / "merges", settings.merge_cache_bytes)
-    return cache.get_or_build(key, lambda out: merge_checkpoints(
-        Path(base), [(Path(p), w) for p, w in experts], method, out, dtype, density, seed, progress,
-        allow_pickle=settings.allow_pickle, provenance=provenance, link_unchanged=as_dir), directory=as_dir)
+    """:func:`cached_merge` with the recipe spelled out as arguments (``dtype`` defaults to the settings')."""
+    recipe = MergeRecipe(str(base), tuple((str(p), float(w)) for p, w in experts), method, density, seed,
+                         dtype or settings.resolved_dtype())
+    return cached_merge(settings, recipe, progress)
 
 
 def _dir_arch(path: Path) -> str:
@@ -503,9 +507,18 @@ def _swap_in(base: Path, experts: list[tuple[Path, float]], method: str, allow_p
 
 
 def read_recipe(path: Path) -> dict[str, Any] | None:
-    """The recipe a merged file carries in its ``__metadata__`` (None if it carries none)."""
+    """The provenance summary a merged file carries in its ``__metadata__`` (None if it carries none)."""
     from merger.safe_load import read_header
 
     _, metadata = read_header(Path(path))
     raw = metadata.get("diffgraph_recipe")
     return json.loads(raw) if raw else None
+
+
+def read_merge_recipe(path: Path) -> MergeRecipe | None:
+    """The :class:`MergeRecipe` a merged file was built from (None for files merged before recipes)."""
+    from merger.safe_load import read_header
+
+    _, metadata = read_header(Path(path))
+    raw = metadata.get(METADATA_KEY)
+    return MergeRecipe.from_json(raw) if raw else None

@@ -3,7 +3,7 @@ weighted LoRAs to them without corrupting the cached copy.
 
 Base weights are a diffusers directory or a single original-layout ``.safetensors``; a single file is
 loaded with ``from_single_file(config=<local diffusers dir>)`` and never touches the network. Checkpoint
-experts are merged first by :func:`merger.merge.merged_checkpoint` (cached on disk); the LRU key is that
+experts are merged first by :func:`merger.merge.cached_merge` (cached on disk); the LRU key is that
 merge's content hash (or the base's identity when there is nothing to merge) plus device and dtype.
 
 LoRA application (:func:`choose_lora_mode`, policy set per :class:`merger.generate.Generator`):

@@ -119,7 +119,7 @@ class ExpertSelectionAgent:
                 prompt=prompt,
                 base_family=family,
                 base_model=s.base_models.get(family, ""),
-                method=used["method"],
+                coefficients=used["method"],
                 seed=seed,
                 checkpoints=checkpoints or [],
                 loras=loras or [],

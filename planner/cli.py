@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from core.cli import console, fail, print_json, user_errors
+from core.cli import console, deprecated, fail, print_json, user_errors
 
 experts_app = typer.Typer(help="Explore the experts in the graph.", no_args_is_help=True)
 planner_app = typer.Typer(help="Train the planner's VGAE.", no_args_is_help=True)
@@ -19,13 +19,17 @@ METHOD_HELP = "vgae | fixed | similarity | direct"
 def plan_command(
     prompt: Annotated[str, typer.Argument(help="The text-to-image prompt.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the MergePlan as JSON on stdout.")] = False,
-    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "vgae",
+    coefficients: Annotated[str, typer.Option("--coefficients", help=METHOD_HELP)] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed recorded in the plan.")] = 0,
+    old_method: Annotated[str, typer.Option("--method", hidden=True, help="Deprecated: --coefficients.")] = "",
 ) -> None:
     """Plan a merge for PROMPT: which checkpoints and LoRAs, with which coefficients."""
     from core.settings import get_settings
     from planner import make_plan
 
+    if old_method:
+        deprecated("--method", "--coefficients")
+    method = coefficients or old_method or "vgae"
     with user_errors():
         plan = make_plan(get_settings(), prompt, method=method, seed=seed)
     if json_out:
@@ -34,7 +38,7 @@ def plan_command(
     from rich.table import Table
 
     table = Table(
-        title=f"plan ({plan.method}, base {plan.base_family}{': ' + plan.base_model if plan.base_model else ''})"
+        title=f"plan ({plan.coefficients}, base {plan.base_family}{': ' + plan.base_model if plan.base_model else ''})"
     )
     for col in ("kind", "expert", "name", "coefficient", "Beta α/β", "std", "reason"):
         table.add_column(col)

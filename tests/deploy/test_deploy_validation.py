@@ -102,3 +102,12 @@ def test_generate_cli_rejects_bad_input_and_missing_broker(settings: Settings) -
     assert res.exit_code == 1 and "DIFFGRAPH_BROKER_URL" in res.output
     res = runner.invoke(cli_app, ["generate", "a fox", "--plan", str(settings.data_dir / "missing.json")])
     assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_generate_cli_coefficients_flag_and_deprecated_method(settings: Settings) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["generate", "a fox", "--coefficients", "magic"])
+    assert res.exit_code == 1 and "method" in res.output and "deprecated" not in res.output
+    res = runner.invoke(cli_app, ["generate", "a fox", "--method", "fixed", "--wait"])
+    assert res.exit_code == 1 and "--wait only applies with --submit" in res.output
+    assert "--method is now --coefficients" in res.stderr

@@ -147,3 +147,24 @@ def test_clear_errors(zoo: TinyZoo, cli, tmp_path: Path) -> None:
     _one_line_error(cli("--base", zoo.base_file, "--lora", f"{tmp_path / 'wrong.safetensors'}:1", "--out", out),
                     "wrong.safetensors", "does not fit", "attn1.to_q")
     assert not out.exists()
+
+
+def test_merge_method_flag_recipe_metadata_and_deprecated_method(zoo: TinyZoo, cli, tmp_path: Path) -> None:
+    from merger.merge import read_merge_recipe
+    from merger.recipe import MergeRecipe
+
+    new = cli("--base", zoo.base_file, "--ckpt", f"{zoo.checkpoints[0]}:0.6", "--merge-method", "ties",
+              "--density", "0.3", "--dtype", "fp32", "--json", "--out", tmp_path / "new.safetensors")
+    assert new.exit_code == 0, new.output
+    assert "deprecated" not in new.stderr
+    summary = json.loads(new.stdout)
+    assert summary["merge_method"] == summary["method"] == "ties"  # the old --json key is still written
+    recipe = read_merge_recipe(tmp_path / "new.safetensors")
+    assert recipe == MergeRecipe(str(zoo.base_file), ((str(zoo.checkpoints[0]), 0.6),), "ties", 0.3, 0, "fp32")
+    assert summary["recipe_digest"] == recipe.digest()
+    old = cli("--base", zoo.base_file, "--ckpt", f"{zoo.checkpoints[0]}:0.6", "--method", "ties",
+              "--density", "0.3", "--dtype", "fp32", "--out", tmp_path / "old.safetensors")
+    assert old.exit_code == 0, old.output
+    assert "--method is now --merge-method" in old.stderr
+    a, b = load_file(tmp_path / "new.safetensors"), load_file(tmp_path / "old.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

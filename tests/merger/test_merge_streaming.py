@@ -104,13 +104,13 @@ def test_diffusers_base_and_expert_layouts_agree(zoo: TinyZoo, tmp_path: Path) -
 
 def test_cache_reused_on_second_build(zoo: TinyZoo, settings, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = merge_mod.merge_checkpoints
+    real = merge_mod.merge
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_mod, "merge_checkpoints", counting)
+    monkeypatch.setattr(merge_mod, "merge", counting)
     experts = [(zoo.checkpoints[0], 0.5), (zoo.checkpoints[1], 0.25)]
     first = merged_checkpoint(settings, zoo.base_file, experts, "dare", dtype="fp16", density=0.5, seed=1)
     assert first.parent == settings.data_dir / "cache" / "merges" and first.suffix == ".safetensors"

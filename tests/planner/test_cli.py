@@ -75,3 +75,15 @@ def test_planner_train_command(settings, embedder) -> None:
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["epochs"] == 5 and out["seed"] == 2 and out["path"].endswith(f"vgae-{out['version']}.pt")
+
+
+def test_plan_coefficients_flag_and_deprecated_method(settings, themed) -> None:
+    new = runner.invoke(app, ["plan", "a cute cat in a neon cyberpunk city", "--json", "--coefficients", "fixed"])
+    assert new.exit_code == 0, new.output
+    assert "deprecated" not in new.stderr
+    data = json.loads(new.stdout)
+    assert data["coefficients"] == data["method"] == "fixed"  # the old JSON key is still written
+    old = runner.invoke(app, ["plan", "a cute cat in a neon cyberpunk city", "--json", "--method", "fixed"])
+    assert old.exit_code == 0, old.output
+    assert "--method is now --coefficients" in old.stderr
+    assert MergePlan.model_validate_json(old.stdout).coefficients == "fixed"
