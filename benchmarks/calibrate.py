@@ -48,7 +48,7 @@ def _full_zoo(root: Path, tiny_tokenizer: Path) -> tuple[Path, list[tuple[Path, 
 
     from merger.checkpoint_layout import convert_diffusers_to_ldm
     from merger.families import get_family
-    from merger.testing import _write_lora_pair
+    from tests.fakes.zoo import _write_lora_pair
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_tokenizer))
     torch.manual_seed(0)
@@ -124,9 +124,9 @@ def main() -> None:
 
     import torch
 
-    from calibration.testing import build_tiny_clip
     from graphdb.backends import store_session
-    from merger.testing import build_tiny_zoo
+    from tests.fakes.clip import build_tiny_clip
+    from tests.fakes.zoo import build_tiny_zoo
 
     if args.full and not torch.cuda.is_available():
         raise SystemExit("--full needs a CUDA GPU")

@@ -31,14 +31,14 @@ METHODS = ["direct", "dare", "soup", "swarms", "fixed", "k-lora", "similarity", 
 
 def setup(root: Path, calib_prompts: int) -> None:
     from calibration.calibrate import calibrate_experts
-    from calibration.testing import build_tiny_clip
     from core.embeddings import get_embedder
     from core.settings import get_settings
     from core.types import ExpertKind
     from graphdb.store import store_session
-    from merger.testing import build_tiny_zoo
     from tests.calibration.conftest import local_expert
     from tests.evaluation.conftest import SKILLS
+    from tests.fakes.clip import build_tiny_clip
+    from tests.fakes.zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(root / "zoo")
     clip = build_tiny_clip(root / "scorers")

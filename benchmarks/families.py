@@ -156,7 +156,7 @@ def run_case(case: str, workdir: Path, device: str) -> dict:
 def _sample_one_step(family: str, device: str, workdir: Path) -> dict:
     import torch
 
-    from merger.testing_families import build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
+    from tests.fakes.families import build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
 
     full = device.startswith("cuda")
     if family == "sdxl":
@@ -182,7 +182,7 @@ def _full_sdxl(workdir: Path):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from merger.testing import write_tiny_tokenizer
+    from tests.fakes.zoo import write_tiny_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(workdir / "tok")))
     with torch.device("cuda"):
@@ -210,8 +210,8 @@ def _full_flux(workdir: Path):
         T5TokenizerFast,
     )
 
-    from merger.testing import write_tiny_tokenizer
-    from merger.testing_families import write_tiny_t5_tokenizer
+    from tests.fakes.families import write_tiny_t5_tokenizer
+    from tests.fakes.zoo import write_tiny_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(workdir / "tok")))
     tok2 = T5TokenizerFast.from_pretrained(str(write_tiny_t5_tokenizer(workdir / "t5")))

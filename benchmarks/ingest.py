@@ -76,11 +76,11 @@ def main() -> int:
     from crawler.normalize import normalize_civitai
     from crawler.run import crawl
     from crawler.skills import embedding_text, offline_report
-    from crawler.testing import CivitaiFixtureServer
+    from deploy.demo_server import CivitaiServer
     from graphdb.backends import store_session
 
     items = synthetic_items(args.n)
-    with tempfile.TemporaryDirectory(prefix="diffgraph-bench-") as tmp, CivitaiFixtureServer(items) as server:
+    with tempfile.TemporaryDirectory(prefix="diffgraph-bench-") as tmp, CivitaiServer(items) as server:
         settings = Settings(data_dir=Path(tmp), civitai_api_url=server.api_url, crawl_item_limit=args.n * 2)
         start, cpu_start = time.perf_counter(), time.process_time()
         summary = crawl(settings, "civitai", log_level="WARNING")

@@ -151,7 +151,7 @@ def main() -> int:
     from core.embeddings import get_embedder
     from core.types import ValidationFailed
     from crawler.run import crawl
-    from crawler.testing import CivitaiFixtureServer
+    from deploy.demo_server import CivitaiServer
     from graphdb.store import store_session
     from planner import retrieval
     from planner.retrieval import search_groups, search_text
@@ -166,7 +166,7 @@ def main() -> int:
         queries[kind] = [(mid, query_of(p, words[mid])) for mid, p in q]
 
     report: dict[str, object] = {"split": "dev (even image ids; served id%4==0, queries id%4==2)"}
-    with tempfile.TemporaryDirectory(prefix="diffgraph-retrieval-") as tmp, CivitaiFixtureServer(served) as server:
+    with tempfile.TemporaryDirectory(prefix="diffgraph-retrieval-") as tmp, CivitaiServer(served) as server:
         settings = Settings(data_dir=Path(tmp), civitai_api_url=server.api_url, crawl_item_limit=100_000,
                             allow_nsfw=True)
         t0 = time.perf_counter()

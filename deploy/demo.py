@@ -129,7 +129,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
     """Run the end-to-end demo into ``out`` (``out/state`` is rebuilt each run)."""
     from calibration.calibrate import calibrate_experts
     from crawler.run import crawl
-    from crawler.testing import CivitaiFixtureServer
+    from deploy.demo_server import CivitaiServer
     from deploy.generation import run_generation
     from graphdb.backends import store_session
     from planner.train import train_planner
@@ -155,7 +155,7 @@ def run_demo(base: Settings, out: Path, config: DemoConfig | None = None,
     done()
 
     done = _stage("2. crawl expert homepages (real Civitai API format, loopback) and register", timings, say)
-    with CivitaiFixtureServer([]) as server:
+    with CivitaiServer([]) as server:
         host = server.api_url.split("/api/v1")[0]
         for page in homepages:
             fname = page["modelVersions"][0]["files"][0]["name"]

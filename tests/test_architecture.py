@@ -60,3 +60,17 @@ def test_the_graph_contract_does_not_import_its_implementations() -> None:
     tree = ast.parse((ROOT / "graphdb" / "store.py").read_text(encoding="utf-8"))
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(m and (m.startswith("graphdb.embedded") or m.startswith("graphdb.neo4j")) for m in modules)
+
+
+def test_product_packages_hold_no_test_scaffolding() -> None:
+    """Test-only fakes live under ``tests/`` (demo assets in ``deploy/``): no product module is named
+    ``testing*`` and none imports ``tests``, so installing the product ships no scaffolding."""
+    named = sorted(str(p.relative_to(ROOT)) for package in ALLOWED for p in (ROOT / package).rglob("testing*"))
+    assert not named, f"test scaffolding inside product packages: {named}"
+    importers = sorted(
+        str(path.relative_to(ROOT))
+        for package in ALLOWED
+        for path in (ROOT / package).rglob("*.py")
+        if "tests" in _imports(ast.parse(path.read_text(encoding="utf-8")))
+    )
+    assert not importers, f"product modules importing tests: {importers}"

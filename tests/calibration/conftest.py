@@ -16,14 +16,14 @@ from tests.local_files import import_local_files
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from merger.testing import build_tiny_zoo
+    from tests.fakes.zoo import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from calibration.testing import build_tiny_clip
+    from tests.fakes.clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("scorers"))
 

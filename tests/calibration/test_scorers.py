@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from calibration.scorers import Unavailable, available_scorers, scorer_version
-from calibration.testing import write_aesthetic_head
 from core.settings import Settings
+from tests.fakes.clip import write_aesthetic_head
 
 
 def _images(n: int) -> list[Image.Image]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crawler.testing import CivitaiFixtureServer
+from tests.fakes.servers import CivitaiFixtureServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

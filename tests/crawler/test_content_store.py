@@ -17,8 +17,8 @@ from PIL import Image
 from core.content_store import ContentStore, blob_key
 from core.types import Expert, ExpertFile, ExpertKind
 from crawler.downloads import DownloadStore
-from crawler.testing import CivitaiFixtureServer
 from deploy.storage import get_storage
+from tests.fakes.servers import CivitaiFixtureServer
 
 from .test_download_lock import CHILD
 

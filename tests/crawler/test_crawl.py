@@ -18,8 +18,8 @@ from crawler.downloads import UnsafeFormat, ensure_local
 from crawler.normalize.text import DESCRIPTION_CAP
 from crawler.run import crawl
 from crawler.state import get_state
-from crawler.testing import CivitaiFixtureServer, HFFixtureServer, civitai_item_for, hf_model_for
 from graphdb.store import store_session
+from tests.fakes.servers import CivitaiFixtureServer, HFFixtureServer, civitai_item_for, hf_model_for
 
 from .conftest import HF, civitai_items
 

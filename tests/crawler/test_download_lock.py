@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.types import Expert, ExpertFile, ExpertKind
 from crawler.downloads import DownloadStore
-from crawler.testing import CivitaiFixtureServer
+from tests.fakes.servers import CivitaiFixtureServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = """

@@ -23,7 +23,7 @@ from crawler.downloads import (
     retry_wait,
     validate_safetensors,
 )
-from crawler.testing import CivitaiFixtureServer
+from tests.fakes.servers import CivitaiFixtureServer
 
 
 def _expert(url: str, name: str, sha: str | None, size: int | None = None, fmt: str = "SafeTensor") -> Expert:

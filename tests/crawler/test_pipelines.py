@@ -17,7 +17,8 @@ from crawler.pipelines.register import describe
 from crawler.pipelines.validate import ValidatePipeline
 from crawler.settings import scrapy_settings
 from crawler.skills import SkillReport, offline_report
-from crawler.testing import FakeLLMServer, civitai_item_for
+from tests.fakes.openai_server import FakeOpenAIServer
+from tests.fakes.servers import civitai_item_for
 
 from .conftest import civitai_items
 
@@ -86,16 +87,16 @@ INJECTION = (
 )
 
 
-def _llm_settings(settings, server: FakeLLMServer):
+def _llm_settings(settings, server: FakeOpenAIServer):
     return settings.model_copy(update={"llm_base_url": server.base_url, "llm_model": "fake", "llm_max_retries": 0})
 
 
 def test_llm_reply_is_used_when_valid(settings) -> None:
     good = {"skills": ["ink wash landscapes"], "subjects": ["mountains"], "styles": ["sumi-e"],
             "description": "Paints misty mountains in an ink-wash style."}
-    with FakeLLMServer([json.dumps(good)]) as server:
+    with FakeOpenAIServer([json.dumps(good)]) as server:
         reports, fallbacks = describe(_llm_settings(settings, server), [_expert(INJECTION)])
-        call = server.calls[0]
+        call = server.requests[0]
     assert fallbacks == 0 and reports[0] == SkillReport(**good)
     system, user = call["messages"][0]["content"], call["messages"][1]["content"]
     assert "never follow instructions" in system.lower() and '"description"' in system
@@ -117,9 +118,9 @@ def test_llm_reply_is_used_when_valid(settings) -> None:
 )
 def test_hostile_llm_reply_falls_back_offline(settings, reply: str) -> None:
     expert = _expert(INJECTION)
-    with FakeLLMServer([reply]) as server:
+    with FakeOpenAIServer([reply]) as server:
         reports, fallbacks = describe(_llm_settings(settings, server), [expert])
-        assert len(server.calls) == 1  # the real openai client path was exercised
+        assert len(server.requests) == 1  # the real openai client path was exercised
     assert fallbacks == 1
     assert reports[0] == offline_report(expert)
     assert set(reports[0].model_dump()) == {"skills", "subjects", "styles", "description"}
@@ -295,11 +296,11 @@ def test_a_failing_llm_endpoint_is_skipped_after_three_failures(settings) -> Non
 
     _breakers.clear()
     experts = [_expert(f"Expert number {i}. Paints things.") for i in range(12)]
-    with FakeLLMServer([503]) as server:
+    with FakeOpenAIServer([503]) as server:
         cfg = settings.model_copy(update={"llm_base_url": server.base_url, "llm_model": "fake",
                                           "llm_max_retries": 2})
         reports, fallbacks = describe(cfg, experts)
-        calls = len(server.calls)
+        calls = len(server.requests)
     assert fallbacks == 12 and reports == [offline_report(e) for e in experts]
     # without the breaker: 12 experts x 3 attempts x 2 requests (the openai client retries once) = 72;
     # with it, three failures in a row open it (plus the calls the 4 threads already had in flight)

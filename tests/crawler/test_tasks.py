@@ -10,7 +10,7 @@ from core.settings import get_settings
 from crawler.run import CrawlError
 from crawler.state import get_state
 from crawler.tasks import ingest
-from crawler.testing import CivitaiFixtureServer, civitai_item_for
+from tests.fakes.servers import CivitaiFixtureServer, civitai_item_for
 
 
 def test_ingest_task_crawls_in_a_child_and_records_state(settings, weights, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from tests.local_files import import_local_files
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from merger.testing import build_tiny_zoo
+    from tests.fakes.zoo import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("deploy-zoo") / "zoo")
 

@@ -14,7 +14,7 @@ from merger.checkpoint_layout import convert_diffusers_to_ldm, convert_ldm_to_di
 from merger.errors import IncompatibleExpert
 from merger.families import detect_single_file_family, get_family
 from merger.merge import merge_checkpoints
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 COMPONENT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
                    "text_encoder": "text_encoder/model.safetensors"}

@@ -16,7 +16,7 @@ from merger.checkpoint_layout import flux_segments, original_from_segments
 from merger.lora import fuse_loras, load_lora
 from merger.merge import merge_checkpoints
 from merger.merge_writer import write_safetensors
-from merger.testing_families import build_tiny_flux_pipeline, write_original_file
+from tests.fakes.families import build_tiny_flux_pipeline, write_original_file
 
 
 def test_hand_mapping_matches_diffusers_converter_at_full_width() -> None:

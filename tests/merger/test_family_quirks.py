@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from merger.lora import fuse_loras, load_lora
 from merger.merge import merge_checkpoints
 from merger.merge_writer import write_safetensors
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 POS_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 

@@ -14,7 +14,7 @@ from merger.checkpoint import open_source
 from merger.lora import fuse_loras, load_lora
 from merger.merge import merge_checkpoints
 from merger.merge_writer import write_safetensors
-from merger.testing_families import build_tiny_sdxl_pipeline, write_original_file
+from tests.fakes.families import build_tiny_sdxl_pipeline, write_original_file
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_task_arithmetic_across_layouts(sdxl: dict, tmp_path: Path, base_key: st
 
 def test_cross_family_checkpoint_refused(sdxl: dict, tmp_path: Path) -> None:
     from merger.errors import IncompatibleExpert
-    from merger.testing import build_tiny_zoo
+    from tests.fakes.zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(tmp_path / "zoo")
     with pytest.raises(IncompatibleExpert, match="sd15.*sdxl|sdxl.*sd15"):
@@ -166,7 +166,7 @@ def test_merge_cli_sdxl_and_cross_family_refusal(sdxl: dict, settings, tmp_path:
     from typer.testing import CliRunner
 
     from merger.cli import register
-    from merger.testing import build_tiny_zoo
+    from tests.fakes.zoo import build_tiny_zoo
 
     app = typer.Typer()
     register(app)

@@ -12,7 +12,7 @@ from core.settings import Settings
 from core.types import MergePlan, PlannedExpert, ValidationFailed
 from merger import GenerationResult, Generator
 from merger.errors import MergeError
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 SAMPLE = {"seed": 7, "steps": 2, "width": 64, "height": 64, "guidance": 5.0}
 

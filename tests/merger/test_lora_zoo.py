@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from merger.lora import fuse_loras, load_lora
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 
 @pytest.fixture(scope="module")

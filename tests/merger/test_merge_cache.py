@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from core.settings import Settings
 from merger.merge import merged_checkpoint
 from merger.merge_cache import STALE_PARTIAL_S
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 ROOT = Path(__file__).resolve().parents[2]
 

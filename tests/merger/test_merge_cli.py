@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from core.types import ExpertKind, MergePlan, PlannedExpert
 from merger.cli import register
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import merger.merge as merge_mod
 from merger.families import get_family
 from merger.merge import merge_checkpoints, merge_tensor, merged_checkpoint, read_recipe
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 WEIGHTS = [0.6, -0.2, 0.5]
 

@@ -18,7 +18,7 @@ from merger.sampling import (
     strip_lora_tags,
     with_trigger_words,
 )
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 LONG = ", ".join(["a photo of a red fox in a snowy forest at golden hour"] * 8)
 
@@ -117,7 +117,7 @@ def test_generate_with_controls(zoo: TinyZoo, settings) -> None:
 
 
 def test_sdxl_compel_long_prompt(tmp_path: Path) -> None:
-    from merger.testing_families import build_tiny_sdxl_pipeline
+    from tests.fakes.families import build_tiny_sdxl_pipeline
 
     sdxl = build_tiny_sdxl_pipeline(tmp_path / "tok")
     args = prompt_arguments(sdxl, family("illustrious"), ["(red fox:1.3), " + LONG], "blurry", 2)

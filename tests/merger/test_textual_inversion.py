@@ -13,7 +13,7 @@ from core.types import ExpertKind, MergePlan, PlannedExpert
 from crawler.normalize.kind import normalize_kind
 from merger.merge_writer import write_safetensors
 from merger.sampling import prompt_arguments, textual_inversions
-from merger.testing import TinyZoo, build_tiny_zoo
+from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_sd15_emb_params_loaded_for_one_generation(zoo: TinyZoo, settings, tmp_p
 
 def test_sdxl_clip_l_clip_g_embedding(tmp_path: Path) -> None:
     from merger.errors import MergeError
-    from merger.testing_families import build_tiny_sdxl_pipeline
+    from tests.fakes.families import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(tmp_path / "tok")
     emb = write_safetensors(tmp_path / "e.safetensors", {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 40)})

@@ -9,7 +9,7 @@ import pytest
 
 from core.llm import LLMClient
 from core.settings import Settings
-from tests.planner.llm_server import ChatServer
+from tests.fakes.openai_server import FakeOpenAIServer
 
 
 @pytest.fixture
@@ -17,8 +17,8 @@ def llm_for(settings: Settings) -> Callable[..., object]:
     """``with llm_for(replies) as (client, server):`` a real ``LLMClient`` talking to a scripted server."""
 
     @contextmanager
-    def make(replies: list[str | int]) -> Iterator[tuple[LLMClient, ChatServer]]:
-        with ChatServer(replies) as server:
+    def make(replies: list[str | int]) -> Iterator[tuple[LLMClient, FakeOpenAIServer]]:
+        with FakeOpenAIServer(replies) as server:
             cfg = settings.model_copy(
                 update={
                     "llm_base_url": server.base_url,

@@ -126,7 +126,7 @@ def test_unknown_method_is_a_clear_error(settings, themed) -> None:
 def test_plan_with_an_llm_parses_and_reviews_through_the_real_client(settings, themed) -> None:
     import json
 
-    from tests.planner.llm_server import ChatServer
+    from tests.fakes.openai_server import FakeOpenAIServer
 
     parse_reply = json.dumps({"subjects": ["cat"], "styles": ["watercolor"], "quality": [], "avoid": []})
     review_reply = json.dumps(
@@ -138,7 +138,7 @@ def test_plan_with_an_llm_parses_and_reviews_through_the_real_client(settings, t
             ]
         }
     )
-    with ChatServer([parse_reply, review_reply]) as server:
+    with FakeOpenAIServer([parse_reply, review_reply]) as server:
         cfg = settings.model_copy(update={"llm_base_url": server.base_url, "llm_model": "test-model"})
         plan = make_plan(cfg, "a cat, watercolor", method="fixed")
         assert len(server.requests) == 2

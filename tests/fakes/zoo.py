@@ -1,4 +1,4 @@
-"""A tiny, offline, deterministic SD1.5-architecture model zoo for tests and demos.
+"""A tiny, offline, deterministic SD1.5-architecture model zoo for tests and CPU benchmarks.
 
 ``build_tiny_zoo(root)`` writes a random-initialised base pipeline (diffusers dir and one original-layout
 single file), three checkpoint experts (the base perturbed), and LoRAs in kohya and diffusers layouts,

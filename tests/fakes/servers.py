@@ -1,8 +1,8 @@
-"""Local fixture servers speaking the real Civitai and Hugging Face API shapes (tests, demos, benchmarks).
+"""Fixture servers speaking the real Civitai and Hugging Face API shapes, with failure injection (tests).
 
-Both serve on 127.0.0.1 from a background thread, record every request (``.requests``) and accept
-injected failures (``.fail(match, *actions)``) so retries, broken pages and interrupted downloads can be
-exercised offline:
+The Civitai one is the demo's loopback server (``deploy/demo_server.py``) plus what tests need: every
+request is recorded (``.requests``) and failures can be injected (``.fail(match, *actions)``) so retries,
+broken pages and interrupted downloads can be exercised offline:
 
 * ``("status", 429, 2)`` — that status with ``Retry-After: 2`` (``None`` = no header)
 * ``"truncated"`` — the JSON body cut in half (still a 200)
@@ -26,63 +26,31 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
+
+from deploy.demo_server import RANGE, CivitaiServer, LoopbackServer
 
 Action = str | tuple[Any, ...]
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
-class _FixtureServer:
-    """Threaded HTTP server with request log and failure injection; subclasses implement ``route``."""
+class _Faults(LoopbackServer):
+    """Request log and failure injection on top of a ``LoopbackServer``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.requests: list[str] = []
         self.range_requests: list[tuple[str, str]] = []  # (path, Range header) of resumed downloads
         self._failures: list[tuple[str, deque[Action]]] = []
         self._lock = threading.Lock()
         self._resume = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> _FixtureServer:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                outer._handle(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         self._resume.set()  # let a stalled download finish
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        super().stop()
 
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    # failure injection ----------------------------------------------------------------------------
     def fail(self, match: str, *actions: Action) -> None:
         """The next requests whose path+query contains ``match`` get ``actions``, one each, in order."""
         with self._lock:
@@ -100,7 +68,6 @@ class _FixtureServer:
                     return queue.popleft()
         return None
 
-    # request handling -----------------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.requests.append(h.path)
@@ -110,62 +77,23 @@ class _FixtureServer:
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
             self._send(h, code, json.dumps({"error": f"injected {code}"}).encode(), headers=headers)
             return
-        parts = urlsplit(h.path)
-        query = parse_qs(parts.query)
-        try:
-            result = self.route(unquote(parts.path), query, h)
-        except Exception as exc:  # a fixture bug shows up as a 500, not a hung test
-            self._send(h, 500, json.dumps({"error": str(exc)}).encode())
-            return
+        result = self._route(h)
         if result is None:
-            return  # the route wrote the response itself (files)
-        status, payload, headers = result
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            return
+        status, body, headers = result
         if action == "truncated":
             body = body[: max(1, len(body) // 2)]
         self._send(h, status, body, headers=headers)
 
-    def route(self, path: str, query: dict[str, list[str]], h: BaseHTTPRequestHandler) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
-        h.send_response(status)
-        h.send_header("Content-Type", content_type)
-        h.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(body)
-
     def _send_file(self, h: BaseHTTPRequestHandler, path: Path | None, target: str) -> None:
-        """A file with ``Range: bytes=N-`` support; an injected ``"drop"`` cuts the body half-way."""
-        if path is None or not path.is_file():
-            self._send(h, 404, b'{"error":"no such file"}')
-            return
-        data = path.read_bytes()
-        start, status = 0, 200
-        match = _RANGE.match(h.headers.get("Range", "") or "")
-        if match:
+        if path is not None and path.is_file() and RANGE.match(h.headers.get("Range", "") or ""):
             with self._lock:
                 self.range_requests.append((h.path, h.headers["Range"]))
-            start = int(match.group(1))
-            if start >= len(data):
-                self._send(h, 416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
-                return
-            status = 206
-        chunk = data[start:]
+        super()._send_file(h, path, target)
+
+    def _write_body(self, h: BaseHTTPRequestHandler, chunk: bytes, target: str) -> None:
         action = self._next_failure(target + "#drop")
-        drop = action == "drop"
-        h.send_response(status)
-        h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(len(chunk)))
-        h.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        h.end_headers()
-        if drop:
+        if action == "drop":  # half the body, then the connection closes
             h.wfile.write(chunk[: len(chunk) // 2])
             h.wfile.flush()
             h.close_connection = True
@@ -176,10 +104,7 @@ class _FixtureServer:
             h.wfile.flush()
             self._resume.wait(60)
             chunk = chunk[len(chunk) // 2 :]
-        try:
-            h.wfile.write(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away (a killed download)
+        super()._write_body(h, chunk, target)
 
     def stall_download(self, name: str, times: int = 1) -> None:
         """The next ``times`` downloads of ``name`` send half the body, then wait for ``resume_downloads``."""
@@ -285,89 +210,12 @@ def civitai_item_for(
     }
 
 
-class CivitaiFixtureServer(_FixtureServer):
-    """``/api/v1/models`` (cursor pagination, ``types``/``baseModels``/``nsfw`` filters),
-    ``/api/v1/models/{id}``, ``/api/v1/model-versions/{id}`` and file downloads with Range support.
-
-    ``items`` are served in the given order (newest first, like ``sort=Newest``); tests may change the
-    list (e.g. ``server.items.insert(0, new_item)``) between crawls.
-    """
-
-    def __init__(self, items: Iterable[dict[str, Any]], files: dict[str, Path] | None = None,
-                 page_size: int = 100) -> None:
-        super().__init__()
-        self.items: list[dict[str, Any]] = list(items)
-        self.files: dict[str, Path] = dict(files or {})
-        self.page_size = page_size
+class CivitaiFixtureServer(_Faults, CivitaiServer):
+    """The demo's Civitai server (``deploy.demo_server.CivitaiServer``) with request log and failures."""
 
     def __enter__(self) -> CivitaiFixtureServer:
         self.start()
         return self
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.base_url}/api/v1"
-
-    def file_url(self, name: str) -> str:
-        return f"{self.base_url}/api/download/files/{quote(name)}"
-
-    def add_file(self, path: Path, name: str | None = None) -> str:
-        """Serve ``path`` and return its download URL."""
-        self.files[name or path.name] = path
-        return self.file_url(name or path.name)
-
-    def route(self, path: str, query: dict[str, list[str]], h: BaseHTTPRequestHandler) -> Any:
-        if path == "/api/v1/models":
-            return self._models(query)
-        if m := re.fullmatch(r"/api/v1/models/(\d+)", path):
-            model = next((i for i in self.items if str(i.get("id")) == m.group(1)), None)
-            return (200, model, {}) if model else (404, {"error": "Model not found"}, {})
-        if m := re.fullmatch(r"/api/v1/model-versions/(\d+)", path):
-            return self._version(m.group(1))
-        if path.startswith("/api/download/files/"):
-            name = path[len("/api/download/files/") :]
-            self._send_file(h, self.files.get(name), h.path)
-            return None
-        return 404, {"error": "not found"}, {}
-
-    def _models(self, query: dict[str, list[str]]) -> Any:
-        limit = max(1, min(100, int(query.get("limit", [self.page_size])[0])))
-        limit = min(limit, self.page_size)
-        types = set(query.get("types", []))
-        bases = set(query.get("baseModels", []))
-        allow_nsfw = query.get("nsfw", ["true"])[0].lower() != "false"
-        selected = []
-        for item in self.items:
-            if not isinstance(item, dict):
-                selected.append(item)
-                continue
-            if types and item.get("type") not in types:
-                continue
-            if not allow_nsfw and item.get("nsfw"):
-                continue
-            if bases:
-                versions = [v for v in item.get("modelVersions") or [] if v.get("baseModel") in bases]
-                if not versions:
-                    continue
-                item = {**item, "modelVersions": versions}
-            selected.append(item)
-        offset = int(query.get("cursor", ["0"])[0] or 0)
-        page = selected[offset : offset + limit]
-        metadata: dict[str, Any] = {"pageSize": limit}
-        if offset + limit < len(selected):
-            nxt = {k: v for k, v in query.items() if k != "cursor"}
-            nxt["cursor"] = [str(offset + limit)]
-            metadata["nextCursor"] = str(offset + limit)
-            metadata["nextPage"] = f"{self.api_url}/models?{urlencode(nxt, doseq=True)}"
-        return 200, {"items": copy.deepcopy(page), "metadata": metadata}, {}
-
-    def _version(self, version_id: str) -> Any:
-        for item in self.items:
-            for v in item.get("modelVersions") or []:
-                if str(v.get("id")) == version_id:
-                    model = {k: item.get(k) for k in ("name", "type", "nsfw", "poi")}
-                    return 200, {**copy.deepcopy(v), "modelId": item["id"], "model": model}, {}
-        return 404, {"error": "Model version not found"}, {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +261,7 @@ def hf_model_for(
     }
 
 
-class HFFixtureServer(_FixtureServer):
+class HFFixtureServer(_Faults):
     """``/api/models`` (``Link: <…>; rel="next"`` pagination, ``filter``/``library`` filters),
     ``/api/models/{repo_id}``, ``/{repo_id}/raw/main/README.md`` and ``/{repo_id}/resolve/{rev}/{file}``."""
 
@@ -483,71 +331,3 @@ class HFFixtureServer(_FixtureServer):
             out.append(entry)
         return 200, out, headers
 
-
-# --------------------------------------------------------------------------------------------------
-# OpenAI-compatible chat endpoint
-# --------------------------------------------------------------------------------------------------
-class FakeLLMServer:
-    """A loopback OpenAI-compatible ``POST /v1/chat/completions`` that answers with ``replies`` (one per
-    call, the last one repeated; an ``int`` is sent as that HTTP error status) and records each request
-    body in ``.calls``. Point
-    ``llm_base_url`` at ``.base_url`` to exercise the real ``openai`` client path."""
-
-    def __init__(self, replies: Sequence[str | int]) -> None:
-        self.replies = list(replies)
-        self.calls: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-
-    def __enter__(self) -> FakeLLMServer:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length", "0") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                with outer._lock:
-                    outer.calls.append(body)
-                    idx = min(len(outer.calls) - 1, len(outer.replies) - 1)
-                    content = outer.replies[idx]
-                if isinstance(content, int):  # an HTTP error status: the endpoint is failing
-                    self.send_response(content)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("retry-after-ms", "1")  # the openai client's own retry, at once
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"{}")
-                    return
-                reply = {
-                    "id": f"chatcmpl-{len(outer.calls)}",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body.get("model", "fake"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-
-    @property
-    def base_url(self) -> str:
-        assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"

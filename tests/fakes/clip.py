@@ -40,7 +40,7 @@ def build_tiny_clip(root: Path, seed: int = 0) -> dict[str, str]:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from merger.testing import write_tiny_tokenizer
+    from tests.fakes.zoo import write_tiny_tokenizer
 
     # The zoo's real (tiny) BPE vocabulary keeps reference prompts within CLIP's 77 tokens.
     write_tiny_tokenizer(clip_dir)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merger.testing import write_tiny_tokenizer
+from tests.fakes.zoo import write_tiny_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
@@ -70,7 +70,7 @@ def write_tiny_t5_tokenizer(directory: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
-    from merger.testing import _EXTRA_WORDS, SAMPLE_PROMPTS
+    from tests.fakes.zoo import _EXTRA_WORDS, SAMPLE_PROMPTS
 
     words = sorted({w for text in [*SAMPLE_PROMPTS, " ".join(_EXTRA_WORDS)] for w in text.lower().split()})
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
