@@ -55,6 +55,7 @@ def test_data_dir_toml_is_lowest_precedence_and_cannot_move_the_data_dir(setting
     (settings.data_dir / "diffgraph.toml").write_text(
         'data_dir = "/somewhere/else"\ngen_steps = 7\ngen_guidance = 2.5\n[base_models]\nsd15 = "/m/base.safetensors"\n')
     monkeypatch.setenv("DIFFGRAPH_GEN_GUIDANCE", "3.5")
+    monkeypatch.delenv("DIFFGRAPH_GEN_STEPS", raising=False)  # the fixture's explicit budget would win over the file
     s = Settings()
     assert s.data_dir == settings.data_dir
     assert s.gen_steps == 7 and s.gen_guidance == 3.5
