@@ -42,9 +42,9 @@ class EvalConfig:
     methods: list[str]
     metrics: list[str]
     seeds: int = 1
-    steps: int = 20
-    size: int = 512
-    guidance: float = 7.0
+    steps: int = 0  # 0: the base family's steps (core.families)
+    size: int = 0  # 0: the base model's native resolution
+    guidance: float | None = None  # None: the family's guidance
     out_dir: Path = Path("eval")
     limit: int | None = None
     swarm_budget: int = 12
@@ -69,7 +69,7 @@ def prepare(settings: Settings, cfg: EvalConfig) -> tuple[list[PromptSet], dict[
     """Every check that can fail before work starts: methods, metrics, prompt sets, scorers, base model."""
     cfg.methods = check_methods(cfg.methods)
     cfg.metrics = check_metrics(cfg.metrics)
-    if cfg.seeds < 1 or cfg.steps < 1 or cfg.size < 8 or cfg.size % 8:
+    if cfg.seeds < 1 or cfg.steps < 0 or cfg.size < 0 or cfg.size % 8:
         raise ValidationFailed("--seeds and --steps must be ≥ 1 and --size a positive multiple of 8")
     sets = [load_prompt_set(spec, cfg.limit) for spec in dict.fromkeys(cfg.prompt_sets)]
     if not sets:
@@ -198,8 +198,8 @@ def run_eval(settings: Settings, cfg: EvalConfig, progress: Progress | None = No
             for start in range(0, len(jobs), BATCH):
                 batch = jobs[start:start + BATCH]
                 plan = plans[(method, batch[0][0].name, batch[0][1])]
-                result = generator.generate(plan, [ps.prompts[i] for ps, i, _ in batch], steps=cfg.steps,
-                                            guidance=cfg.guidance, width=cfg.size, height=cfg.size,
+                result = generator.generate(plan, [ps.prompts[i] for ps, i, _ in batch], steps=cfg.steps or None,
+                                            guidance=cfg.guidance, width=cfg.size or None, height=cfg.size or None,
                                             seeds=[s for _, _, s in batch])
                 new = []
                 for (ps, i, s), image in zip(batch, result.images, strict=True):

@@ -147,9 +147,9 @@ class MergeUtility:
     prompts: list[str]
     score: Score
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 4
-    size: int = 64
-    guidance: float = 7.0
+    steps: int = 4  # 0: the family's steps
+    size: int = 64  # 0: the base's native resolution
+    guidance: float | None = None  # None: the family's guidance
     lora_caps: list[float | None] | None = None
     generator: object | None = None
 
@@ -161,7 +161,8 @@ class MergeUtility:
         plan = plan_with_values(self.plan, list(values), self.settings.lora_max_weight, self.lora_caps)
         texts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
-        result = self.generator.generate(plan, texts, steps=self.steps, guidance=self.guidance,  # type: ignore[attr-defined]
-                                         width=self.size, height=self.size, seeds=seeds)
+        result = self.generator.generate(plan, texts, steps=self.steps or None,  # type: ignore[attr-defined]
+                                         guidance=self.guidance, width=self.size or None,
+                                         height=self.size or None, seeds=seeds)
         scores = self.score(list(result.images), texts)
         return float(np.mean(scores))
