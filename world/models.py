@@ -56,15 +56,21 @@ def grammar_words() -> Counter:
 
 
 def write_tokenizer(directory: Path) -> Path:
-    """A real CLIP BPE tokenizer (vocab.json + merges.txt) learned on the grammar's words until every word is
-    one token; other text still tokenizes (into characters)."""
+    """The world's CLIP BPE tokenizer, learned on the grammar's words until every word is one token."""
+    return write_clip_tokenizer(directory, grammar_words())
+
+
+def write_clip_tokenizer(directory: Path, words: Counter, max_merges: int | None = None,
+                         model_max_length: int = MAX_TOKENS) -> Path:
+    """A real CLIP BPE tokenizer (vocab.json + merges.txt) learned on ``words`` (word → count), with at most
+    ``max_merges`` merges (None: until nothing is left to merge); other text still tokenizes (into characters)."""
     directory.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     vocab_tokens = chars + [c + "</w>" for c in chars]
-    words = grammar_words()
     splits = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
     merges: list[tuple[str, str]] = []
-    while True:  # plain BPE: most frequent adjacent pair, ties alphabetical, until nothing is left to merge
+    while max_merges is None or len(merges) < max_merges:
+        # plain BPE: the most frequent adjacent pair, ties alphabetical (deterministic)
         pairs: Counter = Counter()
         for w, parts in splits.items():
             for a, b in zip(parts, parts[1:], strict=False):
@@ -88,7 +94,7 @@ def write_tokenizer(directory: Path) -> Path:
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, "bos_token": "<|startoftext|>",
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "do_lower_case": True,
     }))

@@ -227,60 +227,14 @@ def build_tiny_pipeline(tokenizer_dir: Path, seed: int = 0) -> StableDiffusionPi
     )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte → printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def write_tiny_tokenizer(directory: Path) -> Path:
     """Write a small but real CLIP BPE tokenizer (vocab.json + merges.txt) learned on sample prompt words."""
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab_tokens = chars + [c + "</w>" for c in chars]
-    words = Counter()
+    from world.models import write_clip_tokenizer
+
+    words: Counter = Counter()
     for text in [*SAMPLE_PROMPTS, " ".join(_EXTRA_WORDS)]:
         words.update(re.findall(r"[a-z]+|[0-9]", text.lower()))
-    # Plain BPE training: merge the most frequent adjacent pair, ties broken alphabetically for determinism.
-    splits = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
-    merges: list[tuple[str, str]] = []
-    for _ in range(_N_MERGES):
-        pairs: Counter = Counter()
-        for w, parts in splits.items():
-            for a, b in zip(parts, parts[1:], strict=False):
-                pairs[(a, b)] += words[w]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for w, parts in splits.items():
-            i, merged = 0, []
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            splits[w] = merged
-    vocab_tokens += ["".join(m) for m in merges]
-    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_tokens))}
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }))
-    return directory
+    return write_clip_tokenizer(directory, words, max_merges=_N_MERGES, model_max_length=77)
 
 
 def _lora_targets(pipe: StableDiffusionPipeline) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
