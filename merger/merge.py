@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.content_store import sha256_of
 from merger.checkpoint import ModelSource, TensorRef, align, ldm_names_for, open_source
 from merger.errors import MergeError
 from merger.merge_cache import MergeCache
@@ -411,11 +412,7 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
             known = {}
         if token in known:
             return known[token]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = sha256_of(path)
     if cache_file is not None:
         known[token] = value
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import cache
 from pathlib import Path
 
+from core.content_store import sha256_of
 from core.types import DiffGraphError
 from world import paths
 
@@ -15,12 +15,7 @@ class WorldError(DiffGraphError):
     """The shipped world is missing or damaged (the message names the file)."""
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = sha256_of  # the one file hasher (core.content_store)
 
 
 def manifest() -> dict:
