@@ -309,8 +309,8 @@ def latency(settings: Settings, embedder, prompts: list[str], runs: int) -> dict
 
 def vgae_inference(settings: Settings, embedder, runs: int) -> dict:
     from graphdb.subgraph import Subgraph, SubgraphEdge, SubgraphNode
-    from planner.checkpoint import latest_checkpoint
     from planner.coefficients import predict_beta
+    from planner.vgae_checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(settings)
     rng = np.random.default_rng(1)

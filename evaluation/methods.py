@@ -41,7 +41,7 @@ from core.types import DiffGraphError, ExpertKind, MergePlan, PlannedExpert, Val
 if TYPE_CHECKING:
     from core.settings import Settings
     from graphdb.store import GraphStore
-    from planner.checkpoint import PlannerCheckpoint
+    from planner.vgae_checkpoints import PlannerCheckpoint
 
 DARE_DENSITY = 0.5
 DARE_SEED = 0
@@ -168,7 +168,7 @@ class Planned(Method):
     def _checkpoint(self, ctx: EvalContext) -> PlannerCheckpoint | None:
         if self.target is None:
             return None
-        from planner.checkpoint import latest_checkpoint
+        from planner.vgae_checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(ctx.settings, target=self.target)
         if ckpt is None:

@@ -233,7 +233,7 @@ def planner_version(settings: Settings, method: str) -> str:
     cls = METHODS[method]
     if not issubclass(cls, Vgae):
         return ""
-    from planner.checkpoint import latest_checkpoint
+    from planner.vgae_checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(settings, target=cls.target)
     return ckpt.version if ckpt is not None else "none"

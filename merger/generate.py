@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.types import MergePlan, PlannedExpert, ValidationFailed
-from merger.errors import MergeError
-from merger.families import get_family
-from merger.pipeline import (
+from merger.diffusers_pipeline import (
     PIPELINE_CACHE_SIZE,
     LoraCache,
     LoraMode,
@@ -22,6 +20,8 @@ from merger.pipeline import (
     load_pipeline,
     resolve_base,
 )
+from merger.errors import MergeError
+from merger.families import get_family
 from merger.sampling import (
     MAX_TRIGGER_WORDS,
     diffusers_clip_skip,
@@ -70,7 +70,7 @@ class Generator:
         settings: device/dtype (``resolved_device()``, ``resolved_dtype()``), base models, ``allow_pickle``.
         cache_size (`int`, *optional*): how many built pipelines stay in memory.
         lora_mode (`str`, *optional*, defaults to ``"fuse"``): LoRA policy ``fuse``, ``adapters`` or ``auto``
-            (see :mod:`merger.pipeline`; LoHa/LoKr are always fused).
+            (see :mod:`merger.diffusers_pipeline`; LoHa/LoKr are always fused).
 
     Example:
         >>> result = Generator(settings).generate(plan, "a red fox", seed=1, steps=20)

@@ -1,7 +1,7 @@
 """Streaming checkpoint merges: ``weighted_average``, ``task_arithmetic``, ``ties`` and ``dare``.
 
 Every output tensor is computed from the base's and each expert's tensor of the same name (aligned across
-key layouts by :mod:`merger.checkpoint`), in fp32, then cast to the target dtype and appended to the output
+key layouts by :mod:`merger.model_source`), in fp32, then cast to the target dtype and appended to the output
 file, so peak memory is a few tensors, not N models. Inputs are read with ``safe_open(backend="pread")``
 where supported, which keeps their file pages out of RSS. The output's ``__metadata__`` carries the recipe.
 
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.content_store import sha256_of
-from merger.checkpoint import ModelSource, TensorRef, align, ldm_names_for, open_source
 from merger.errors import MergeError
 from merger.merge_cache import MergeCache
 from merger.merge_loras import TensorHook, lora_fusion_hook
@@ -43,6 +42,7 @@ from merger.merge_writer import (
     safetensors_dtype,
     torch_dtype,
 )
+from merger.model_source import ModelSource, TensorRef, align, ldm_names_for, open_source
 from merger.recipe import MERGE_METHODS, METADATA_KEY, MergeRecipe
 
 if TYPE_CHECKING:

@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from core.families import arch_of
-from merger.checkpoint import ModelSource, diffusers_names
 from merger.checkpoint_layout import Segment
 from merger.errors import IncompatibleExpert
+from merger.model_source import ModelSource, diffusers_names
 
 if TYPE_CHECKING:
     import torch

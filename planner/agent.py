@@ -25,7 +25,6 @@ from core.types import DiffGraphError, MergePlan, PlannedExpert
 from graphdb.search import SearchCorpus, model_key
 from graphdb.store import Candidate, CandidateFilter, GraphStore
 from graphdb.subgraph import FAMILIES, NODE_TYPES
-from planner.checkpoint import PlannerCheckpoint, latest_checkpoint
 from planner.coefficients import (
     SIMILARITY_FALLBACK_NOTE,
     BetaEstimate,
@@ -38,6 +37,7 @@ from planner.coefficients import (
 from planner.parse import parse_prompt
 from planner.retrieval import Query, candidate_filter, choose_family, rank_experts, validate_prompt
 from planner.review import Choice, Selection, review
+from planner.vgae_checkpoints import PlannerCheckpoint, latest_checkpoint
 
 if TYPE_CHECKING:
     from core.llm import LLMClient

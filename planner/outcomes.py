@@ -32,11 +32,11 @@ import torch
 from core.settings import Settings
 from core.types import DiffGraphError, MergePlan, utcnow
 from graphdb.backends import store_session
-from planner.checkpoint import checkpoint_dir, save_checkpoint
 from planner.graph import to_tensors
 from planner.swarms import MergeUtility, SwarmConfig, swarm_search
 from planner.train import TrainResult, fingerprint, fit, load_training_graph
 from planner.vgae import VGAEConfig
+from planner.vgae_checkpoints import checkpoint_dir, save_checkpoint
 
 log = logging.getLogger(__name__)
 

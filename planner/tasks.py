@@ -36,9 +36,9 @@ def retrain_if_changed(
     settings: Any, epochs: int = 200, seed: int = 0, force: bool = False
 ) -> dict[str, Any]:
     """``{"trained": bool, "version", "path", "metrics"}``; skips training when the data is unchanged."""
-    from planner.checkpoint import latest_record
     from planner.graph import to_tensors
     from planner.train import fingerprint, load_training_graph, train_planner
+    from planner.vgae_checkpoints import latest_record
 
     if not force:
         latest = latest_record(settings)

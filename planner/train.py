@@ -25,9 +25,9 @@ from core.settings import Settings
 from core.types import DiffGraphError, utcnow
 from graphdb.backends import store_session
 from graphdb.subgraph import Subgraph
-from planner.checkpoint import save_checkpoint
 from planner.graph import GraphTensors, link_ref_prompts, to_tensors
 from planner.vgae import BetaVGAE, VGAEConfig
+from planner.vgae_checkpoints import save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ TARGETS = {"reader": 0.95, "base": 0.70, "gain": 0.25}
 
 
 def load_base() -> Any:
-    from merger.pipeline import load_pipeline
+    from merger.diffusers_pipeline import load_pipeline
 
     base = verified(paths.base_model_path())
     return load_pipeline(base, base.with_suffix(""), "sd15", "cpu", "fp32")

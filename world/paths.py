@@ -16,7 +16,7 @@ def shipped_dir() -> Path:
 
 def base_model_path() -> Path:
     """The base model as one original-layout ``.safetensors`` file; its diffusers configs and tokenizer are the
-    sibling folder of the same stem (what ``merger.pipeline.resolve_base`` looks for)."""
+    sibling folder of the same stem (what ``merger.diffusers_pipeline.resolve_base`` looks for)."""
     return shipped_dir() / f"{BASE_NAME}.safetensors"
 
 

@@ -15,8 +15,8 @@ runner = CliRunner()
 def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Path, tmp_path: Path) -> None:
     from calibration.calibrate import calibrate_experts
     from graphdb.store import store_session
-    from planner.checkpoint import latest_checkpoint
     from planner.train import train_planner
+    from planner.vgae_checkpoints import latest_checkpoint
 
     with store_session(eval_settings) as store:
         ids = [e.id for e in store.find_experts()]

@@ -139,9 +139,9 @@ def write_original_file(pipe: object, path: Path, prefixes: dict[str, str] | Non
     """Write a pipeline's merged components as one original-layout single file (real key names)."""
     import tempfile
 
-    from merger.checkpoint import open_source, segments_of
     from merger.checkpoint_layout import original_from_segments
     from merger.merge_writer import write_safetensors
+    from merger.model_source import open_source, segments_of
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merger.checkpoint import align, open_source
 from merger.checkpoint_layout import convert_diffusers_to_ldm, convert_ldm_to_diffusers
 from merger.errors import IncompatibleExpert
 from merger.families import detect_single_file_family, get_family
 from merger.merge import merge_checkpoints
+from merger.model_source import align, open_source
 from tests.fakes.zoo import TinyZoo, build_tiny_zoo
 
 COMPONENT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.checkpoint import open_source
 from merger.checkpoint_layout import flux_segments, original_from_segments
 from merger.lora import fuse_loras, load_lora
 from merger.merge import merge_checkpoints
 from merger.merge_writer import write_safetensors
+from merger.model_source import open_source
 from tests.fakes.families import build_tiny_flux_pipeline, write_original_file
 
 
@@ -191,7 +191,7 @@ def test_kohya_flux_lora_fused_into_bfl_single_file(flux: dict, tmp_path: Path) 
                             loras=[(deltas, 0.8)])
     fuse_loras(torch.nn.ModuleDict({"transformer": pipe.transformer}), [(deltas, 0.8)])
     with open_source(out) as merged, open_source(flux["base_dir"]) as base:
-        from merger.checkpoint import align
+        from merger.model_source import align
 
         refs = align(base, merged)
         for native, ref in refs.items():

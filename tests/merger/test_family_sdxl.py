@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.checkpoint import open_source
 from merger.lora import fuse_loras, load_lora
 from merger.merge import merge_checkpoints
 from merger.merge_writer import write_safetensors
+from merger.model_source import open_source
 from tests.fakes.families import build_tiny_sdxl_pipeline, write_original_file
 
 

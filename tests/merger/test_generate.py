@@ -175,8 +175,8 @@ def test_bad_plans_fail_clearly(zoo: TinyZoo, generator: Generator, settings: Se
 
 
 def test_lora_policy_rule(zoo: TinyZoo) -> None:
+    from merger.diffusers_pipeline import CachedPipeline, choose_lora_mode
     from merger.lora import load_lora, normalize_lora
-    from merger.pipeline import CachedPipeline, choose_lora_mode
 
     low = [("a", load_lora(zoo.loras_kohya[0]), 0.5)]
     kron = normalize_lora(_lokr_sd(), {}, "k")
@@ -225,7 +225,7 @@ def test_lokr_is_fused_even_on_an_adapter_pipeline(zoo: TinyZoo, settings: Setti
 
 
 def test_pipeline_lru_evicts_the_least_recently_used() -> None:
-    from merger.pipeline import PipelineCache
+    from merger.diffusers_pipeline import PipelineCache
 
     cache = PipelineCache(maxsize=2)
     built: list[str] = []

@@ -21,7 +21,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
 def _pipeline(zoo: TinyZoo):
     from diffusers import StableDiffusionPipeline
 
-    from merger.pipeline import _quiet
+    from merger.diffusers_pipeline import _quiet
 
     with _quiet():
         pipe = StableDiffusionPipeline.from_pretrained(str(zoo.base_dir), safety_checker=None,
@@ -59,7 +59,7 @@ def test_fused_weights_equal_base_plus_weighted_alpha_over_rank_BA(zoo: TinyZoo)
 
 
 def test_fuse_equals_diffusers_set_adapters_and_fuse_lora(zoo: TinyZoo) -> None:
-    from merger.pipeline import _quiet
+    from merger.diffusers_pipeline import _quiet
 
     base = _components(_pipeline(zoo)).state_dict()
     pairs = [(zoo.loras_kohya[0], 0.7), (zoo.loras_diffusers[1], 0.3)]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from graphdb.store import store_session
-from planner.checkpoint import latest_checkpoint, load_checkpoint
 from planner.coefficients import predict_beta
 from planner.graph import link_ref_prompts, to_tensors
 from planner.train import fit, load_training_graph, spearman, train_planner
 from planner.vgae import EPS, BetaDecoder, BetaParams, BetaVGAE, VGAEConfig
+from planner.vgae_checkpoints import latest_checkpoint, load_checkpoint
 from tests.planner.graphs import build_planted_graph, planted_truth
 
 

@@ -21,8 +21,8 @@ def test_every_shipped_file_matches_its_hash() -> None:
 
 
 def test_checkpoints_open_and_merge_with_the_project_merger(tmp_path: Path, settings) -> None:
-    from merger.checkpoint import align, open_source
     from merger.merge import merge_checkpoints
+    from merger.model_source import align, open_source
 
     ckpts = [Path(e["file"]) for e in experts_manifest() if e["kind"] == "checkpoint"]
     assert len(ckpts) >= 5
