@@ -13,12 +13,9 @@ deleted and never enters the store.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import os
 import shutil
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +29,7 @@ from sqlalchemy import select
 
 from core.content_store import ContentStore, sha256_of
 from core.records import ExpertFileRecord, session_scope
+from core.safetensors_header import HeaderError, read_header
 from core.settings import Settings
 from core.types import DiffGraphError, Expert, ExpertFile
 from crawler.normalize.files import is_pickle
@@ -41,13 +39,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # small reads: bytes received before a dropped connection are kept
 ATTEMPTS = 5
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
-}
 
 
 class DownloadError(DiffGraphError):
@@ -75,54 +66,14 @@ class TooLarge(DownloadError):
 
 
 def validate_safetensors(path: Path) -> int:
-    """Check a safetensors file's header before anything loads it; returns the number of tensors.
-
-    Checks: 8-byte little-endian header length within the file, a JSON object header, known dtypes,
-    integer shapes, ``data_offsets`` inside the data section, sized ``prod(shape) * itemsize`` and not
-    overlapping. Raises ``CorruptWeights`` naming the first problem.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise CorruptWeights(f"{path.name}: {size} bytes is too short for a safetensors file")
-    with path.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
-            raise CorruptWeights(f"{path.name}: header length {n} does not fit a {size}-byte file")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CorruptWeights(f"{path.name}: header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CorruptWeights(f"{path.name}: header is not a JSON object")
-    data_size = size - 8 - n
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise CorruptWeights(f"{path.name}: __metadata__ must map strings to strings")
-            continue
-        if not isinstance(info, dict):
-            raise CorruptWeights(f"{path.name}: tensor {name!r} has no description")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
-            raise CorruptWeights(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CorruptWeights(f"{path.name}: tensor {name!r} has an invalid shape")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
-            raise CorruptWeights(f"{path.name}: tensor {name!r} has offsets outside the file")
-        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise CorruptWeights(f"{path.name}: tensor {name!r} size does not match its shape and dtype")
-        spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
-        if begin < end:
-            raise CorruptWeights(f"{path.name}: tensors {a!r} and {b!r} overlap")
-    return len(spans)
+    """Check a safetensors file's header before anything loads it (strictly: known dtypes, no overlapping
+    tensors; see ``core.safetensors_header``); returns the number of tensors. Raises ``CorruptWeights``
+    naming the first problem."""
+    try:
+        header, _ = read_header(path, strict=True)
+    except HeaderError as exc:
+        raise CorruptWeights(f"{path.name}: {exc}") from None
+    return len(header)
 
 
 def _ext(file: ExpertFile) -> str:

@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-import struct
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from core.safetensors_header import HeaderError
+from core.safetensors_header import read_header as parse_header
 from merger.errors import CorruptWeights, UnsafeFormat
 
 if TYPE_CHECKING:
     import torch
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors itself refuses larger headers
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
-_ITEM_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
 
 
 @lru_cache(maxsize=1)
@@ -65,46 +60,10 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         CorruptWeights: the file is shorter than its header says, or the header is malformed.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CorruptWeights(f"{path.name}: not a safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptWeights(
-                f"{path.name}: truncated or not a safetensors file (header claims {n} bytes, file has {size})"
-            )
-        raw = fh.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptWeights(f"{path.name}: malformed safetensors header ({exc.__class__.__name__})") from None
-    if not isinstance(header, dict):
-        raise CorruptWeights(f"{path.name}: malformed safetensors header (not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptWeights(f"{path.name}: malformed safetensors header (__metadata__ must map strings to strings)")
-    data_bytes = size - 8 - n
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (isinstance(dtype, str) and isinstance(shape, list) and 0 <= begin <= end
-                  and all(isinstance(d, int) and d >= 0 for d in shape))
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CorruptWeights(f"{path.name}: malformed safetensors header entry for {name!r}")
-        if end > data_bytes:
-            raise CorruptWeights(
-                f"{path.name}: truncated: tensor {name!r} ends at byte {end} of the data section, "
-                f"which has only {data_bytes} bytes"
-            )
-        item = _ITEM_BYTES.get(dtype)
-        if item is not None and math.prod(shape) * item != end - begin:
-            raise CorruptWeights(f"{path.name}: tensor {name!r} has {end - begin} bytes, its shape needs "
-                                 f"{math.prod(shape) * item}")
-    return header, dict(metadata)
+        return parse_header(path)
+    except HeaderError as exc:
+        raise CorruptWeights(f"{path.name}: {exc}") from None
 
 
 def is_pickle(path: Path) -> bool:
