@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 
 import pytest
 from scrapy.utils.test import get_crawler
@@ -37,6 +38,27 @@ def _through(crawler, record: SourceRecord) -> SourceRecord:
         record = cls.from_crawler(crawler).process_item(record)
     return record
 
+
+
+async def _loop_ticks_during(work: Awaitable[None]) -> int:
+    """Run ``work`` and count how often the event loop got to a 10 ms ticker meanwhile: a stage that blocks
+    the loop (instead of handing work to a thread) leaves the count near zero."""
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def loop_alive() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    alive = asyncio.create_task(loop_alive())
+    try:
+        await work
+    finally:
+        stop.set()
+        await alive
+    return ticks
 
 def test_nsfw_items_are_filtered_by_default(settings, weights) -> None:
     item = civitai_item_for(weights("n.safetensors"), nsfw=True)
@@ -191,24 +213,11 @@ def test_a_down_broker_never_stalls_the_crawl(settings, weights) -> None:
         record.status = "new"
         records.append(record)
 
-    async def crawl() -> int:
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def loop_alive() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        alive = asyncio.create_task(loop_alive())
+    async def crawl() -> None:
         for record in records:
             assert await pipe.process_item(record) is record
-        stop.set()
-        await alive
-        return ticks
 
-    ticks = asyncio.run(crawl())
+    ticks = asyncio.run(_loop_ticks_during(crawl()))
     pipe.close_spider()
     assert ticks > 10  # the loop kept turning while the publish failed
     assert crawler.stats.get_value("diffgraph/anomaly/enqueue_failed") == 1
@@ -326,24 +335,11 @@ def test_batches_flush_on_a_worker_thread_in_order(settings) -> None:
     stage = Slow.from_crawler(crawler)
     records = [SourceRecord(source="civitai", version_id=str(i), model={}, version={}) for i in range(6)]
 
-    async def run() -> int:
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def loop_alive() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        alive = asyncio.create_task(loop_alive())
+    async def run() -> None:
         await asyncio.gather(*(stage.process_item(r) for r in records))
         await stage.close_spider()
-        stop.set()
-        await alive
-        return ticks
 
-    ticks = asyncio.run(run())
+    ticks = asyncio.run(_loop_ticks_during(run()))
     assert [ids for _, ids in Slow.flushed] == [["0", "1"], ["2", "3"], ["4", "5"]]
     assert all(name.startswith("diffgraph-slow") for name, _ in Slow.flushed)
     assert ticks > 20  # the loop kept turning through 0.6 s of blocking flushes
