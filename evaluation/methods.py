@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.types import DiffGraphError, ExpertKind, MergePlan, PlannedExpert, ValidationFailed
+from evaluation.metrics import check_names
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -294,9 +295,4 @@ DEFAULT_METHODS = ("direct", "dare", "soup", "swarms", "fixed", "k-lora", "simil
 
 
 def check_methods(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise ValidationFailed(f"unknown method {unknown[0]!r}: use {', '.join(METHODS)}")
-    if not names:
-        raise ValidationFailed("no method given")
-    return list(dict.fromkeys(names))
+    return check_names("method", names, METHODS)

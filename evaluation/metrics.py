@@ -15,7 +15,7 @@ whose weights are configured but do not load is an error before any image is gen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +52,19 @@ class Unavailable:
     reason: str
 
 
-def check_metrics(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in METRICS]
+def check_names(what: str, names: list[str], known: Iterable[str]) -> list[str]:
+    """``names`` without repeats, or a one-line error for the first unknown one (or for none at all)."""
+    known = list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValidationFailed(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
+        raise ValidationFailed(f"unknown {what} {unknown[0]!r}: use {', '.join(known)}")
     if not names:
-        raise ValidationFailed("no metric given")
+        raise ValidationFailed(f"no {what} given")
     return list(dict.fromkeys(names))
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    return check_names("metric", names, METRICS)
 
 
 def load_metrics(settings: Settings, names: list[str], world: bool, standard: bool
