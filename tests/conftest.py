@@ -63,6 +63,22 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The random tiny SD1.5 zoo, built once per session (its files are only read)."""
+    from tests.fakes.zoo import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Scorer paths of the tiny CLIP, built once per session."""
+    from tests.fakes.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("scorers"))
+
+
+@pytest.fixture(scope="session")
 def embedder():
     """The real offline all-MiniLM-L6-v2 (loaded once per session)."""
     from core.embeddings import get_embedder

@@ -14,20 +14,6 @@ from core.types import Expert, ExpertFile, ExpertKind
 from tests.local_files import import_local_files
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from tests.fakes.zoo import build_tiny_zoo
-
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from tests.fakes.clip import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("scorers"))
-
-
 def calib_env(zoo, clip: dict[str, str], prompts: int = 3) -> dict[str, str]:
     """The DIFFGRAPH_* variables of a tiny calibration setup (also used for worker subprocesses)."""
     return {

@@ -5,18 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-
 from core.settings import Settings
 from core.types import Expert, ExpertFile, ExpertKind, MergePlan, PlannedExpert
 from tests.local_files import import_local_files
-
-
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from tests.fakes.zoo import build_tiny_zoo
-
-    return build_tiny_zoo(tmp_path_factory.mktemp("deploy-zoo") / "zoo")
 
 
 def _sha256(path: Path) -> str:

@@ -36,18 +36,6 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory):
-    from tests.fakes.zoo import build_tiny_zoo
-
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from tests.fakes.clip import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("scorers"))
 
 
 @pytest.fixture
