@@ -60,22 +60,25 @@ def table(run: EvalRun) -> dict[str, Any]:
     }
 
 
-def paired_differences(run: EvalRun, ours: str = "vgae") -> list[dict[str, Any]]:
-    """``ours − other`` per prompt set and metric, with a paired bootstrap 95 % interval."""
+def paired_differences(run: EvalRun) -> list[dict[str, Any]]:
+    """``ours − other`` per prompt set and metric, with a paired bootstrap 95 % interval; "ours" is every
+    ``vgae`` row run (``vgae``, ``vgae-solo``, ``vgae-merged``), "other" every non-VGAE row."""
+    ours_rows = [m for m in run.config.methods if m == "vgae" or m.startswith("vgae-")]
     out = []
-    for method in [m for m in run.config.methods if m != ours and ours in run.config.methods]:
-        for ps in run.sets:
-            for metric in run.config.metrics:
-                a = _per_prompt(run, ours, ps.name, metric)
-                b = _per_prompt(run, method, ps.name, metric)
-                common = sorted(set(a) & set(b))
-                if not common:
-                    continue
-                d = [a[i] - b[i] for i in common]
-                lo, hi = bootstrap_ci(d)
-                out.append({"ours": ours, "other": method, "set": ps.name, "metric": metric,
-                            "diff": round(float(np.mean(d)), 6), "ci95": [round(lo, 6), round(hi, 6)],
-                            "excludes_zero": bool(lo > 0 or hi < 0), "n": len(d)})
+    for ours in ours_rows:
+        for method in [m for m in run.config.methods if m not in ours_rows]:
+            for ps in run.sets:
+                for metric in run.config.metrics:
+                    a = _per_prompt(run, ours, ps.name, metric)
+                    b = _per_prompt(run, method, ps.name, metric)
+                    common = sorted(set(a) & set(b))
+                    if not common:
+                        continue
+                    d = [a[i] - b[i] for i in common]
+                    lo, hi = bootstrap_ci(d)
+                    out.append({"ours": ours, "other": method, "set": ps.name, "metric": metric,
+                                "diff": round(float(np.mean(d)), 6), "ci95": [round(lo, 6), round(hi, 6)],
+                                "excludes_zero": bool(lo > 0 or hi < 0), "n": len(d)})
     return out
 
 
@@ -115,7 +118,7 @@ def print_notes(run: EvalRun, console: Any) -> None:
         console.print("vgae − other (paired, bootstrap 95 %):", highlight=False)
         for d in diffs:
             mark = " *" if d["excludes_zero"] else ""
-            console.print(f"  {d['metric']} · {d['set']} vs {d['other']}: {d['diff']:+.4f} "
+            console.print(f"  {d['ours']} − {d['other']}, {d['metric']} · {d['set']}: {d['diff']:+.4f} "
                           f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]{mark}", highlight=False)
 
 
@@ -146,7 +149,7 @@ def write_html(run: EvalRun, out: Path) -> Path:
     diffs = paired_differences(run)
     if diffs:
         parts.append("<h2>vgae − other (paired bootstrap 95 %)</h2><table>" + "".join(
-            f"<tr><td>{e(d['metric'])} · {e(d['set'])} vs {e(d['other'])}</td><td>{d['diff']:+.4f}</td>"
+            f"<tr><td>{e(d['ours'])} − {e(d['other'])}, {e(d['metric'])} · {e(d['set'])}</td><td>{d['diff']:+.4f}</td>"
             f"<td>[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]</td><td>{'excludes 0' if d['excludes_zero'] else ''}"
             "</td></tr>" for d in diffs) + "</table>")
     for method in run.config.methods:

@@ -142,14 +142,14 @@ def _group_normalised(values: list[float]) -> list[float]:
 
 
 def train_merged(settings: Settings, epochs: int = 200, seed: int = 0, n_prompts: int = 24, budget: int = 8,
-                 metric: str | None = None, steps: int | None = None, size: int | None = None,
+                 metric: str | None = None, steps: int | None = None, size: int | None = None, seeds: int = 1,
                  progress: Progress | None = None, say: Callable[[str], None] | None = None) -> TrainResult:
     """Search merged outcomes, fit the VGAE toward them, and save a checkpoint with ``target="merged"``."""
     started = time.perf_counter()
     sub = load_training_graph(settings)
     graph = to_tensors(sub)
     outcomes = search_outcomes(settings, n_prompts, budget, metric, steps or settings.calib_steps,
-                               size or settings.calib_size, say=say)
+                               size or settings.calib_size, seeds=seeds, say=say)
     index = graph.index
     pairs, targets = [], []
     for rec in outcomes:
@@ -172,6 +172,7 @@ def train_merged(settings: Settings, epochs: int = 200, seed: int = 0, n_prompts
         "n_outcome_prompts": len(outcomes),
         "n_outcome_pairs": len(pairs),
         "search_budget": budget,
+        "search_seeds": seeds,
         "search_metric": outcomes[0]["metric"] if outcomes else metric,
         "mean_search_gain_over_uniform": float(np.mean(gains)) if gains else None,
         "search_seconds": round(sum(r["seconds"] for r in outcomes), 3),

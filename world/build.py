@@ -27,16 +27,16 @@ class Budget:
     """Step counts of each stage (``quick`` is for smoke tests: seconds, useless weights)."""
 
     vae_data: int = 4000
-    vae_steps: int = 500
-    decoder_steps: int = 1500
+    vae_steps: int = 1500
+    decoder_steps: int = 1000
     base_data: int = 10000
-    base_steps: int = 1000
+    base_steps: int = 1500
     reader_data: int = 8000
     reader_steps: int = 500
     clip_steps: int = 300
     expert_data: int = 1500
-    expert_steps: int = 150
-    lora_steps: int = 150
+    expert_steps: int = 300
+    lora_steps: int = 300
     batch: int = 64
 
 
@@ -47,15 +47,19 @@ Bar = Callable[[str, int], Callable[[int, int, float], None]]
 
 
 def _bar(stage: str, total: int) -> Callable[[int, int, float], None]:
+    """One bar per stage, redrawn in place; when stages run side by side (``DIFFGRAPH_WORLD_BAR_LINES``, set by
+    the parallel builder) each redraw is its own line, every 10 %, so bars do not overwrite each other."""
     t0 = time.time()
+    lines = os.environ.get("DIFFGRAPH_WORLD_BAR_LINES") == "1"
+    every = max(1, total // (10 if lines else 50))
 
     def show(step: int, n: int, loss: float) -> None:
-        if step == n or step % max(1, n // 50) == 0:
+        if step == n or step % every == 0:
             rate = step / max(1e-9, time.time() - t0)
             width = 30
             done = int(width * step / n)
-            print(f"\r{stage:<22} [{'#' * done}{'.' * (width - done)}] {step}/{n} loss {loss:.4f} "
-                  f"{rate:.2f} it/s", end="\n" if step == n else "", flush=True)
+            text = f"{stage:<22} [{'#' * done}{'.' * (width - done)}] {step}/{n} loss {loss:.4f} {rate:.2f} it/s"
+            print(text if lines else "\r" + text, end="\n" if lines or step == n else "", flush=True)
 
     return show
 
@@ -70,34 +74,35 @@ class Builder:
         if tf.is_file():
             self.timings = json.loads(tf.read_text())
 
-    def _stage(self, name: str, fn: Callable[[], None]) -> None:
-        import torch.distributed as dist
+    def done(self, name: str) -> bool:
+        return (self.work / f"{name}.done").is_file()
 
-        marker = self.work / f"{name}.done"
-        if marker.is_file():
-            return
+    def run_stage(self, name: str) -> float:
+        """Run one stage (unless already done); its wall time, which the caller records."""
+        if self.done(name):
+            return 0.0
         t0 = time.time()
-        fn()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            if dist.get_rank() != 0:
-                return
-        tf = self.work / "timings.json"  # re-read: stages may run in parallel processes
-        self.timings = json.loads(tf.read_text()) if tf.is_file() else {}
-        self.timings[name] = round(time.time() - t0, 1)
-        tf.write_text(json.dumps(self.timings, indent=1))
-        marker.write_text("ok")
+        self.stages()[name][1]()
+        return round(time.time() - t0, 1)
+
+    def record(self, name: str, seconds: float) -> None:
+        """Mark a stage done with its wall time (only the coordinating process writes these)."""
+        self.timings[name] = seconds
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=1))
+        (self.work / f"{name}.done").write_text("ok")
 
     # ------------------------------------------------------------ stages
     def tokenizer(self) -> None:
         models.write_tokenizer(self.work / "tokenizer")
 
-    def pipeline(self, which: str = "base") -> Any:
+    def pipeline(self, which: str = "base", tuned_decoder: bool = True) -> Any:
+        """A saved pipeline (``init`` after the VAE stage, ``base`` after the base stage), with the decoder stage's
+        VAE when it has run."""
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(str(self.work / which), safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
-        if which == "base" and (self.work / "vae.safetensors").is_file():
+        if tuned_decoder and (self.work / "vae.safetensors").is_file():
             from safetensors.torch import load_file
 
             pipe.vae.load_state_dict(load_file(str(self.work / "vae.safetensors")))
@@ -118,45 +123,42 @@ class Builder:
         from safetensors.torch import save_file
 
         b = self.budget
-        pipe = self.pipeline("init")
+        pipe = self.pipeline("init", tuned_decoder=False)
         data = train.make_data(b.vae_data, self.seed + 12)
         train.train_vae(pipe.vae, data, b.decoder_steps, self.seed + 13, lr=1e-3, decoder_only=True,
                         progress=self.bar("vae decoder", b.decoder_steps))
         save_file(pipe.vae.state_dict(), str(self.work / "vae.safetensors"))
 
     def base(self) -> None:
-        """Data-parallel over ``WORLD_SIZE`` processes when launched so (each renders and encodes its share)."""
-        import torch.distributed as dist
-
         b = self.budget
-        rank, world = 0, 1
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(self.seed)
         pipe = self.pipeline("init")
-        data = train.make_data(b.base_data // world, self.seed + 3 + 1000 * rank, grammar.BASE_WEIGHTS)
+        data = train.make_data(b.base_data, self.seed + 3, grammar.BASE_WEIGHTS)
         lat = train.encode(pipe.vae, data)
-        progress = self.bar("base", b.base_steps) if rank == 0 else train._noop
-        train.train_unet(pipe, data, lat, b.base_steps, self.seed + 4 + 1000 * rank, lr=1e-3, batch=b.batch // world,
-                         train_text=True, progress=progress)
-        if rank == 0:
-            pipe.save_pretrained(self.work / "base")
+        train.train_unet(pipe, data, lat, b.base_steps, self.seed + 4, lr=1e-3, batch=b.batch, train_text=True,
+                         progress=self.bar("base", b.base_steps))
+        pipe.save_pretrained(self.work / "base")
 
     def reader(self) -> None:
+        """The reader on clean renders (needs nothing else, so it trains beside the VAE)."""
+        from safetensors.torch import save_file
+
         b = self.budget
         torch.manual_seed(self.seed + 5)
         reader = models.Reader()
         data = train.make_data(b.reader_data, self.seed + 6)
         train.train_reader(reader, data, b.reader_steps, self.seed + 7, progress=self.bar("reader", b.reader_steps))
-        self.reader_on_vae(reader)
+        save_file(reader.state_dict(), str(self.work / "reader-clean.safetensors"))
 
-    def reader_on_vae(self, reader: models.Reader) -> None:
+    def reader_on_vae(self) -> None:
         """Fine-tune the reader on renders half of which went through the world's VAE first: generated images
         always do, and the reader must read them as well as clean renders. Then measure it on held-out renders."""
-        from safetensors.torch import save_file
+        from safetensors.torch import load_file, save_file
 
         b = self.budget
-        vae = self.pipeline("base").vae
+        reader = models.Reader()
+        reader.load_state_dict(load_file(str(self.work / "reader-clean.safetensors")))
+        vae = self.pipeline("init").vae
         n = max(32, b.reader_data // 4)
         data = train.concat(train.make_data(n, self.seed + 15),
                             train.reconstruct(vae, train.make_data(n, self.seed + 14)))
@@ -264,30 +266,66 @@ class Builder:
         return export.write_manifest(self.out, self.timings, {
             "seed": self.seed, "budget": self.budget.__dict__, "reader_heldout_accuracy": acc})
 
-    def run(self, stages: list[str] | None = None) -> None:
-        plan: list[tuple[str, Callable[[], None]]] = [
-            ("tokenizer", self.tokenizer), ("vae", self.vae), ("decoder", self.decoder), ("base", self.base), ("reader", self.reader),
-            ("clip", self.clip),
-        ]
-        plan += [(f"expert-{e.name}", lambda e=e, i=i: self.expert(e, i)) for i, e in enumerate(experts_mod.EXPERTS)]
-        plan.append(("export", self.export))
-        for name, fn in plan:
-            if stages is None or name in stages or any(name.startswith(s) for s in stages):
-                self._stage(name, fn)
-        if stages is None or "export" in stages:
-            self.finish()
+    def stages(self) -> dict[str, tuple[tuple[str, ...], Callable[[], None]]]:
+        """Every stage with the stages it needs, longest chain first (vae → base → experts): the reader and
+        CLIP train beside the VAE, the decoder and the reader's VAE round trips beside the base; experts need
+        only the base (the decoder stage leaves the encoder, hence every latent, unchanged)."""
+        out: dict[str, tuple[tuple[str, ...], Callable[[], None]]] = {
+            "tokenizer": ((), self.tokenizer), "vae": (("tokenizer",), self.vae), "base": (("vae",), self.base),
+            "reader": ((), self.reader), "clip": (("tokenizer",), self.clip), "decoder": (("vae",), self.decoder),
+            "reader-vae": (("reader", "decoder"), self.reader_on_vae),
+        }
+        for i, e in enumerate(experts_mod.EXPERTS):
+            out[f"expert-{e.name}"] = (("base",), lambda e=e, i=i: self.expert(e, i))
+        out["export"] = (tuple(out), self.export)
+        return out
+
+    def run(self, jobs: int = 1) -> dict[str, Any]:
+        """Every stage not yet done, ``jobs`` at a time in worker processes (one torch thread each), in an order
+        that keeps the longest chain (vae → base → experts) busy; then ``world.json``."""
+        graph = self.stages()
+        pending = [n for n in graph if not self.done(n)]
+        if jobs <= 1:
+            for name in pending:
+                self.record(name, self.run_stage(name))
+            return self.finish()
+        import concurrent.futures as cf
+        import multiprocessing
+
+        os.environ["DIFFGRAPH_WORLD_BAR_LINES"] = "1"  # inherited by the workers
+        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        running: dict[cf.Future, str] = {}
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            while pending or running:
+                ready = [n for n in pending if all(self.done(d) for d in graph[n][0])]
+                for name in ready[: jobs - len(running)]:
+                    pending.remove(name)
+                    running[pool.submit(_run_stage, self.out, self.seed, self.budget, name)] = name
+                if not running:
+                    raise RuntimeError(f"world build: stages {pending} wait on stages that never finish")
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    name = running.pop(fut)
+                    self.record(name, fut.result())  # a stage's exception ends the build here
+        return self.finish()
 
 
-def main() -> None:  # python -m world.build OUT [stages...]
+def _worker_init() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.set_num_threads(1)
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars would interleave with the stages'
+
+
+def _run_stage(out: Path, seed: int, budget: Budget, name: str) -> float:
+    return Builder(out, seed=seed, budget=budget).run_stage(name)
+
+
+def main() -> None:  # python -m world.build OUT [JOBS]
     import sys
 
-    torch.set_num_threads(1)  # on a shared 2-core box one thread is ~8x faster than two
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: data-parallel stages
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-    out = Path(sys.argv[1])
-    Builder(out).run(sys.argv[2:] or None)
+    torch.set_num_threads(1)
+    Builder(Path(sys.argv[1])).run(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 
 
 if __name__ == "__main__":

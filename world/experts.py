@@ -51,8 +51,8 @@ EXPERTS: tuple[ExpertSpec, ...] = (
     ExpertSpec("retro-pixel", "checkpoint", {"style": ("pixel",)},
                "Fine-tune for retro pixel art.", ("pixel art style",), tags=("style", "pixel art", "retro")),
     ExpertSpec("line-artist", "lora", {"style": ("outline",)},
-               "Line art LoRA extracted (SVD, rank 8) from a full outline-style fine-tune.", ("outline style",),
-               layout="kohya", extracted=True, tags=("style", "line art", "extracted")),
+               "Line art LoRA extracted (SVD, rank 16) from a full outline-style fine-tune.", ("outline style",),
+               layout="kohya", rank=16, extracted=True, tags=("style", "line art", "extracted")),
     ExpertSpec("soft-focus-lora", "lora", {"style": ("soft",)}, "LoRA for a dreamy soft-focus look.",
                ("soft focus style",), layout="kohya", tags=("style", "soft", "blur")),
     ExpertSpec("drop-shadow-lora", "lora", {"style": ("shadow",)}, "LoRA adding a hard drop shadow.",
@@ -65,6 +65,10 @@ EXPERTS: tuple[ExpertSpec, ...] = (
                layout="kohya", tags=("concept", "star")),
     ExpertSpec("neon-pink-lora", "lora", {"colour": ("neon pink",)}, "Concept LoRA: hot neon pink.",
                ("neon pink",), layout="diffusers", tags=("concept", "neon", "colour")),
+    # appended, not inserted: an expert's seeds follow its index, so the others train exactly as before
+    ExpertSpec("dreamy-soft", "checkpoint", {"style": ("soft", "shadow")},
+               "Fine-tune for gentle looks: dreamy soft focus and soft drop shadows.",
+               ("soft focus style", "drop shadow style"), tags=("style", "soft", "shadow", "dreamy")),
 )
 
 

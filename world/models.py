@@ -17,15 +17,20 @@ from world import grammar
 MAX_TOKENS = 24  # the longest prompt of the grammar is 17 CLIP tokens with BOS/EOS
 IMAGE_SIZE = grammar.SIZE
 
+# SD1.5's UNet layout shrunk: no attention at the top level (as SD's last level has none), cross-attention below.
+# 2.2 M parameters, so six full fine-tunes ship in 26 MB of fp16.
 UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 96),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 80),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
 )
+# A 4× (not SD's 8×) autoencoder with 4 latent channels: at 64×64 an 8× latent is 8×8 and, trained on two
+# cores, lost colours and thin strokes (reader accuracy after a round trip: colour 0.57, style 0.67); the 4× one
+# keeps them (colour 0.98 after 1,200 steps).
 VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, block_out_channels=(16, 32, 48, 48), layers_per_block=1, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     norm_num_groups=8, sample_size=IMAGE_SIZE,
 )
 SCHEDULER_CONFIG: dict[str, Any] = dict(

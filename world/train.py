@@ -160,30 +160,12 @@ def train_unet(pipe: Any, data: DataSet, latents: tuple[torch.Tensor, torch.Tens
         loss = (F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         progress(step + 1, steps, float(loss.detach()))
     unet.eval()
     te.eval()
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over data-parallel processes (gloo), when the stage runs in several."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g)
-        offset += n
 
 
 def train_reader(reader: torch.nn.Module, data: DataSet, steps: int, seed: int, batch: int = 64, lr: float = 2e-3,

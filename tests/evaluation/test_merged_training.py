@@ -24,11 +24,11 @@ def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Pa
     solo = train_planner(eval_settings, epochs=10)
 
     result = runner.invoke(app, ["planner", "train", "--target", "merged", "--prompts", "2", "--budget", "3",
-                                 "--epochs", "10", "--metric", "clip", "--json"])
+                                 "--seeds", "2", "--epochs", "10", "--metric", "clip", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["metrics"]["target"] == "merged" and doc["metrics"]["n_outcome_prompts"] >= 1
-    assert doc["metrics"]["search_budget"] == 3 and doc["n_edges"] >= 1
+    assert doc["metrics"]["search_budget"] == 3 and doc["metrics"]["search_seeds"] == 2 and doc["n_edges"] >= 1
     outcomes = [json.loads(p.read_text()) for p in (eval_settings.data_dir / "planner" / "outcomes").glob("*.json")]
     for rec in outcomes:
         assert rec["evaluations"] <= 3 and rec["best_utility"] >= rec["uniform_utility"]
@@ -39,7 +39,7 @@ def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Pa
 
     # a second training reuses the searched outcomes (no sampling): same targets, same data fingerprint
     again = runner.invoke(app, ["planner", "train", "--target", "merged", "--prompts", "2", "--budget", "3",
-                                "--epochs", "10", "--metric", "clip", "--json"])
+                                "--seeds", "2", "--epochs", "10", "--metric", "clip", "--json"])
     assert json.loads(again.stdout)["metrics"]["data_fingerprint"] == doc["metrics"]["data_fingerprint"]
 
     out = tmp_path / "run"

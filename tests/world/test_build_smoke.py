@@ -17,12 +17,12 @@ def test_quick_build_writes_a_complete_world_and_refuses_non_empty_dirs(tmp_path
     result = runner.invoke(app, ["world", "build", "--quick", "--out", str(out), "--seed", "3"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "world.json").read_text())
-    assert {"tokenizer", "vae", "base", "reader", "clip", "export"} <= set(data["timings_s"])
-    assert len(data["experts"]) == 12
+    assert {"tokenizer", "vae", "base", "reader", "reader-vae", "decoder", "clip", "export"} <= set(data["timings_s"])
+    assert len(data["experts"]) == 13
     for rel in data["files"]:
         assert (out / rel).is_file(), rel
     homepages = json.loads((out / "homepages.json").read_text())["items"]
-    assert len(homepages) == 12
+    assert len(homepages) == 13
     for page, expert in zip(homepages, data["experts"], strict=True):
         f = page["modelVersions"][0]["files"][0]
         assert f["hashes"]["SHA256"].lower() == data["files"][expert["file"]]
@@ -32,6 +32,13 @@ def test_quick_build_writes_a_complete_world_and_refuses_non_empty_dirs(tmp_path
     monkeypatch.setenv("DIFFGRAPH_WORLD_DIR", str(out))
     integrity._verified.cache_clear()
     assert len(integrity.verify_all()) == len(data["files"])
+
+    # one process at a time runs the same stages and writes the same files
+    seq = tmp_path / "sequential"
+    one = runner.invoke(app, ["world", "build", "--quick", "--out", str(seq), "--seed", "3", "--jobs", "1"])
+    assert one.exit_code == 0, one.output
+    seq_data = json.loads((seq / "world.json").read_text())
+    assert set(seq_data["files"]) == set(data["files"]) and set(seq_data["timings_s"]) == set(data["timings_s"])
 
     again = runner.invoke(app, ["world", "build", "--quick", "--out", str(out)])
     assert again.exit_code == 1 and "not empty" in again.output and "--force" in again.output

@@ -25,7 +25,7 @@ def test_checkpoints_open_and_merge_with_the_project_merger(tmp_path: Path, sett
     from merger.model_source import align, open_source
 
     ckpts = [Path(e["file"]) for e in experts_manifest() if e["kind"] == "checkpoint"]
-    assert len(ckpts) >= 5
+    assert len(ckpts) >= 6
     with open_source(paths.base_model_path()) as base:
         assert base.family.name == "sd15"
         unet_keys = [k for k in base.native_keys() if k.startswith("model.diffusion_model.")]
