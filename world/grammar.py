@@ -48,11 +48,11 @@ PHRASES = {
     },
 }
 
-#: How often the base model's training set shows each value: the long tail that experts fix. How rare "rare"
-#: must be depends on how easy a concept is: shapes stay hard for the base at 2 %, but it learned the soft
-#: style at 3 % and the neon colours even from about three pictures each (0.2 %; adherence 0.84–0.97 on
-#: their prompts, leaving experts almost nothing to add), so its data never shows the neon colours at all:
-#: they exist only in experts, as new concepts do in the community's.
+#: How often the base model's training set shows each value (relative weights within an attribute): the long
+#: tail that experts fix. How rare "rare" must be depends on how easy a concept is: shapes stay hard for the
+#: base at 1/50 of a common shape, but it learned the soft style at 3/100 and the neon colours even from about
+#: three pictures each (weight 0.002; adherence 0.84–0.91 on their prompts, leaving experts almost nothing to
+#: add), so its data never shows the neon colours at all: they exist only in experts, as new concepts do.
 BASE_WEIGHTS = {
     "shape": {"circle": 1, "square": 1, "triangle": 1, "cross": 1, "ring": 1, "star": 0.02, "moon": 0.02, "heart": 0.02},
     "colour": {c: 1.0 for c in COLOURS} | {"neon pink": 0.0, "neon cyan": 0.0},
