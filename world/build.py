@@ -319,14 +319,3 @@ def _worker_init() -> None:
 
 def _run_stage(out: Path, seed: int, budget: Budget, name: str) -> float:
     return Builder(out, seed=seed, budget=budget).run_stage(name)
-
-
-def main() -> None:  # python -m world.build OUT [JOBS]
-    import sys
-
-    torch.set_num_threads(1)
-    Builder(Path(sys.argv[1])).run(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
-
-
-if __name__ == "__main__":
-    main()

@@ -48,13 +48,12 @@ def test_eval_table_json_html_and_resume(eval_settings, prompt_file: Path, tmp_p
     # vgae's paired differences against every other row, per metric scored (ir is unavailable: no pairs)
     diffs = json.loads((out / "summary.json").read_text())["paired_differences"]
     assert sorted((d["ours"], d["other"]) for d in diffs) == [("vgae", m) for m in ("direct", "fixed", "k-lora", "soup")]
-    direct_cs = {(r["index"], r["seed"]): r["scores"]["cs"] for r in recs if r["method"] == "direct"}
-    vgae_cs = {(r["index"], r["seed"]): r["scores"]["cs"] for r in recs if r["method"] == "vgae"}
+    cs = {m: {(r["index"], r["seed"]): r["scores"]["cs"] for r in recs if r["method"] == m} for m in ("direct", "vgae")}
     vs_direct = next(d for d in diffs if d["other"] == "direct")
-    per_prompt = [sum(vgae_cs[(i, s)] - direct_cs[(i, s)] for s in (0, 1)) / 2 for i in (0, 1)]
+    per_prompt = [sum(cs["vgae"][(i, s)] - cs["direct"][(i, s)] for s in (0, 1)) / 2 for i in (0, 1)]
     assert vs_direct["diff"] == pytest.approx(sum(per_prompt) / 2, abs=1e-4) and vs_direct["n"] == 2
     # the same seed gives the same image for the same weights, whatever the batch
-    direct = {(r["index"], r["seed"]): r["scores"]["cs"] for r in recs if r["method"] == "direct"}
+    direct = cs["direct"]
 
     # a rerun samples nothing and gives the same table
     code, stdout2, _ = _eval("--prompts", str(prompt_file), "--methods", methods, "--metrics", "cs",

@@ -118,16 +118,21 @@ def civitai_versions() -> list[dict]:
             for n in ("version.json", "civitai_api_model_by_versionId.json")]
 
 
+def _broken_body(kind: str) -> st.SearchStrategy[bytes]:
+    """A listing body that is not a page: deeply nested JSON, raw bytes, or valid JSON of the wrong shape."""
+    if kind == "deep":
+        return DEEP_BODIES
+    if kind == "bytes":
+        return st.binary(max_size=200)
+    return HOSTILE_VALUE.map(lambda v: json.dumps(v).encode())
+
+
 @st.composite
 def civitai_listing(draw: st.DrawFn) -> bytes:
     """A ``/api/v1/models`` page body: mutated real items and metadata, or a mutated page, or junk bytes."""
     kind = draw(st.sampled_from(["page", "page", "page", "junk_json", "bytes", "deep"]))
-    if kind == "deep":
-        return draw(DEEP_BODIES)
-    if kind == "bytes":
-        return draw(st.binary(max_size=200))
-    if kind == "junk_json":
-        return json.dumps(draw(HOSTILE_VALUE)).encode()
+    if kind != "page":
+        return draw(_broken_body(kind))
     items = draw(st.lists(mutated(civitai_models()), min_size=0, max_size=3))
     metadata = draw(st.one_of(
         st.fixed_dictionaries({"nextCursor": SCALARS, "nextPage": st.one_of(TEXT, st.just("https://civitai.com/api/v1/models?cursor=2"))}),
@@ -169,12 +174,8 @@ def hf_card(draw: st.DrawFn) -> str | None:
 @st.composite
 def hf_listing(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from(["page", "page", "junk_json", "bytes", "deep"]))
-    if kind == "deep":
-        return draw(DEEP_BODIES)
-    if kind == "bytes":
-        return draw(st.binary(max_size=200))
-    if kind == "junk_json":
-        return json.dumps(draw(HOSTILE_VALUE)).encode()
+    if kind != "page":
+        return draw(_broken_body(kind))
     return json.dumps(draw(st.lists(mutated(hf_infos()), max_size=3)), allow_nan=True).encode()
 
 
