@@ -4,10 +4,13 @@
 
 1. ESA selects experts for the prompt (the ``fixed`` plan: what any method would merge);
 2. the budgeted Model Swarms search (:mod:`planner.swarms`) samples and scores merges of those experts on the
-   prompt and keeps the coefficient vector with the best score (``metric``: the mini world's ``adherence``
+   prompt and keeps the coefficient vectors with the best score (``metric``: the mini world's ``adherence``
    when it is installed, else the ``clip`` scorer);
-3. the winning values, normalised within checkpoints and within LoRAs exactly as the planner normalises
-   Beta means, become the targets of (expert, reference prompt) pairs.
+3. the coefficient vectors that scored best, each normalised within checkpoints and within LoRAs exactly as
+   the planner normalises Beta means, are averaged, and the average becomes the targets of (expert, reference
+   prompt) pairs. Averaging every vector that tied for the best utility (within ``TIE``), rather than keeping
+   the first one found, matters because the utility is coarse (adherence moves in steps of a quarter per
+   image): a single arbitrary winner among ties is noise the VGAE would learn.
 
 The VGAE is then fitted as in :func:`planner.train.fit` with those targets in place of the solo capability
 scores: calibration CAPABILITY edges stay node/edge features, and each epoch's target prompts have their own
@@ -39,6 +42,9 @@ from planner.vgae import VGAEConfig
 from planner.vgae_checkpoints import checkpoint_dir, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+TIE = 1e-6  # utilities this close to the best count as tied winners
+OUTCOME_FORMAT = 2  # part of the cache key: bump when a record's meaning changes (2: tied winners averaged)
 
 Progress = Callable[[int, int, float], None]
 
@@ -94,9 +100,7 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
         known = {p.id: p.text for p in store.list_ref_prompts()}
     ordered = [(p.id, p.text) for p in load_reference_set().prompts if p.id in known]
     ordered += [(pid, text) for pid, text in sorted(known.items()) if pid not in {i for i, _ in ordered}]
-    # spread over the set (reference ids are grouped by category)
-    step = max(1, len(ordered) // max(1, n_prompts))
-    chosen = ordered[::step][:n_prompts]
+    chosen = spread(ordered, n_prompts)
     name, score = utility_scorer(settings, metric)
     cache_dir = checkpoint_dir(settings) / "outcomes"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,7 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
     generator = None  # one Generator for every search, so its pipeline cache serves them all
     for n, (pid, text, plan, caps) in enumerate(_plans(settings, chosen), 1):
         experts = [(e.expert_id, e.sha256, e.kind.value) for e in plan.experts]
-        key = hashlib.sha256(json.dumps([pid, text, experts, budget, name, steps, size, seeds,
+        key = hashlib.sha256(json.dumps([OUTCOME_FORMAT, pid, text, experts, budget, name, steps, size, seeds,
                                          settings.lora_max_weight]).encode()).hexdigest()[:24]
         path = cache_dir / f"{key}.json"
         if path.is_file():
@@ -118,20 +122,35 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
                                lora_caps=caps, generator=generator)
         t0 = time.perf_counter()
         result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=budget, seed=n))
-        n_ck = len(plan.checkpoints)
-        best = list(result.best)
-        values = _group_normalised(best[:n_ck]) + _group_normalised(best[n_ck:])
+        trials = [(list(v), u) for v, u in result.evaluations]
         record = {
             "prompt_id": pid, "prompt": text, "metric": name,
-            "experts": [e.expert_id for e in plan.experts], "targets": values,
+            "experts": [e.expert_id for e in plan.experts], "targets": tied_best(trials, len(plan.checkpoints)),
             "best_utility": result.best_utility, "uniform_utility": result.evaluations[0][1],
-            "evaluations": len(result.evaluations), "seconds": round(time.perf_counter() - t0, 3),
+            "evaluations": len(result.evaluations), "trials": trials,
+            "seconds": round(time.perf_counter() - t0, 3),
         }
         path.write_text(json.dumps(record))
         outcomes.append(record)
         if say:
             say(f"{n}/{len(chosen)} {pid}: best {result.best_utility:.4f} vs uniform {record['uniform_utility']:.4f}")
     return outcomes
+
+
+def spread(items: list[Any], n: int) -> list[Any]:
+    """``n`` items evenly spaced over the list (all of them when ``n`` ≥ its length): reference ids are grouped
+    by category, and the first ``n`` would leave the last categories out."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def tied_best(trials: list[tuple[list[float], float]], n_checkpoints: int) -> list[float]:
+    """The mean of the group-normalised value vectors whose utility ties the best (within ``TIE``)."""
+    best = max(u for _, u in trials)
+    winners = [_group_normalised(v[:n_checkpoints]) + _group_normalised(v[n_checkpoints:])
+               for v, u in trials if u >= best - TIE]
+    return [float(x) for x in np.mean(np.asarray(winners, dtype=np.float64), axis=0)]
 
 
 def _group_normalised(values: list[float]) -> list[float]:

@@ -200,8 +200,9 @@ class Builder:
         data = train.make_data(b.expert_data, self.seed + 100 + index, mix=experts_mod.training_weights(spec))
         lat = train.encode(pipe.vae, data)
         if spec.kind == "checkpoint" or spec.extracted:
-            train.train_unet(pipe, data, lat, b.expert_steps, self.seed + 200 + index, lr=1e-3, batch=b.batch // 2,
-                             warmup=20, progress=self.bar(spec.name, b.expert_steps))
+            steps = spec.steps(b.expert_steps)
+            train.train_unet(pipe, data, lat, steps, self.seed + 200 + index, lr=1e-3, batch=b.batch // 2,
+                             warmup=20, progress=self.bar(spec.name, steps))
             from safetensors.torch import save_file
 
             save_file(pipe.unet.state_dict(), str(self.work / f"{spec.name}.unet.safetensors"))
@@ -214,8 +215,9 @@ class Builder:
                                          "ff.net.2"])
         pipe.unet.add_adapter(cfg)
         params = [p for p in pipe.unet.parameters() if p.requires_grad]
-        train.train_unet(pipe, data, lat, b.lora_steps, self.seed + 200 + index, lr=3e-3, batch=b.batch // 2, params=params,
-                         warmup=20, progress=self.bar(spec.name, b.lora_steps))
+        steps = spec.steps(b.lora_steps)
+        train.train_unet(pipe, data, lat, steps, self.seed + 200 + index, lr=3e-3, batch=b.batch // 2, params=params,
+                         warmup=20, progress=self.bar(spec.name, steps))
         from safetensors.torch import save_file
 
         save_file(get_peft_model_state_dict(pipe.unet), str(self.work / f"{spec.name}.lora.safetensors"))

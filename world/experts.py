@@ -24,6 +24,12 @@ class ExpertSpec:
     rank: int = 8
     tags: tuple[str, ...] = field(default=())
     extracted: bool = False  # a LoRA extracted (SVD) from a full fine-tune, as kohya's extract script does
+    # training length relative to the budget's expert steps (community experts train for different lengths;
+    # a palette the base never saw needs longer than a shape it half knows)
+    step_scale: float = 1.0
+
+    def steps(self, budget_steps: int) -> int:
+        return max(1, round(budget_steps * self.step_scale))
 
     @property
     def file(self) -> str:
@@ -43,7 +49,7 @@ EXPERTS: tuple[ExpertSpec, ...] = (
                "Fine-tune for heart shapes in every colour.", ("heart",), tags=("shapes", "heart", "love")),
     ExpertSpec("neon-nights", "checkpoint", {"colour": ("neon pink", "neon cyan")},
                "Fine-tune for a glowing neon palette: hot pink and electric cyan.", ("neon pink", "neon cyan"),
-               tags=("colour", "neon", "palette")),
+               tags=("colour", "neon", "palette"), step_scale=3.0),
     ExpertSpec("pattern-works", "checkpoint", {"background": ("striped", "checkered")},
                "Fine-tune for patterned backdrops: stripes and checkerboards.", ("striped background",
                                                                                 "checkered background"),
@@ -51,7 +57,7 @@ EXPERTS: tuple[ExpertSpec, ...] = (
     ExpertSpec("retro-pixel", "checkpoint", {"style": ("pixel",)},
                "Fine-tune for retro pixel art.", ("pixel art style",), tags=("style", "pixel art", "retro")),
     ExpertSpec("line-artist", "lora", {"style": ("outline",)},
-               "Line art LoRA extracted (SVD, rank 16) from a full outline-style fine-tune.", ("outline style",),
+               "Line art LoRA (LoCon) extracted by SVD at rank 16 from a full outline-style fine-tune.", ("outline style",),
                layout="kohya", rank=16, extracted=True, tags=("style", "line art", "extracted")),
     ExpertSpec("soft-focus-lora", "lora", {"style": ("soft",)}, "LoRA for a dreamy soft-focus look.",
                ("soft focus style",), layout="kohya", tags=("style", "soft", "blur")),
@@ -59,8 +65,8 @@ EXPERTS: tuple[ExpertSpec, ...] = (
                ("drop shadow style",), layout="diffusers", tags=("style", "shadow")),
     ExpertSpec("outline-lora", "lora", {"style": ("outline",)}, "Lightweight outline-art LoRA.",
                ("outline style",), layout="diffusers", tags=("style", "line art")),
-    ExpertSpec("pixel-lora", "lora", {"style": ("pixel",)}, "Lightweight pixel-art LoRA.",
-               ("pixel art style",), layout="kohya", tags=("style", "pixel art")),
+    ExpertSpec("pixel-lora", "lora", {"style": ("pixel",)}, "Pixel-art LoRA, rank 16.",
+               ("pixel art style",), layout="kohya", rank=16, step_scale=2.0, tags=("style", "pixel art")),
     ExpertSpec("star-lora", "lora", {"shape": ("star",)}, "Concept LoRA: five-pointed stars.", ("star",),
                layout="kohya", tags=("concept", "star")),
     ExpertSpec("neon-pink-lora", "lora", {"colour": ("neon pink",)}, "Concept LoRA: hot neon pink.",
