@@ -9,6 +9,7 @@ prompt and seed), which is what "better with the interval excluding zero" is jud
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -64,21 +65,19 @@ def paired_differences(run: EvalRun) -> list[dict[str, Any]]:
     """``ours − other`` per prompt set and metric, with a paired bootstrap 95 % interval; "ours" is every
     ``vgae`` row run (``vgae``, ``vgae-solo``, ``vgae-merged``), "other" every non-VGAE row."""
     ours_rows = [m for m in run.config.methods if m == "vgae" or m.startswith("vgae-")]
+    others = [m for m in run.config.methods if m not in ours_rows]
     out = []
-    for ours in ours_rows:
-        for method in [m for m in run.config.methods if m not in ours_rows]:
-            for ps in run.sets:
-                for metric in run.config.metrics:
-                    a = _per_prompt(run, ours, ps.name, metric)
-                    b = _per_prompt(run, method, ps.name, metric)
-                    common = sorted(set(a) & set(b))
-                    if not common:
-                        continue
-                    d = [a[i] - b[i] for i in common]
-                    lo, hi = bootstrap_ci(d)
-                    out.append({"ours": ours, "other": method, "set": ps.name, "metric": metric,
-                                "diff": round(float(np.mean(d)), 6), "ci95": [round(lo, 6), round(hi, 6)],
-                                "excludes_zero": bool(lo > 0 or hi < 0), "n": len(d)})
+    for ours, method, ps, metric in itertools.product(ours_rows, others, run.sets, run.config.metrics):
+        a = _per_prompt(run, ours, ps.name, metric)
+        b = _per_prompt(run, method, ps.name, metric)
+        common = sorted(set(a) & set(b))
+        if not common:
+            continue
+        d = [a[i] - b[i] for i in common]
+        lo, hi = bootstrap_ci(d)
+        out.append({"ours": ours, "other": method, "set": ps.name, "metric": metric,
+                    "diff": round(float(np.mean(d)), 6), "ci95": [round(lo, 6), round(hi, 6)],
+                    "excludes_zero": bool(lo > 0 or hi < 0), "n": len(d)})
     return out
 
 

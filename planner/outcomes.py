@@ -35,6 +35,7 @@ import torch
 from core.settings import Settings
 from core.types import DiffGraphError, MergePlan, utcnow
 from graphdb.backends import store_session
+from planner.coefficients import normalise_checkpoints
 from planner.graph import to_tensors
 from planner.swarms import MergeUtility, SwarmConfig, swarm_search
 from planner.train import TrainResult, fingerprint, fit, load_training_graph
@@ -146,18 +147,12 @@ def spread(items: list[Any], n: int) -> list[Any]:
 
 
 def tied_best(trials: list[tuple[list[float], float]], n_checkpoints: int) -> list[float]:
-    """The mean of the group-normalised value vectors whose utility ties the best (within ``TIE``)."""
+    """The mean of the value vectors whose utility ties the best (within ``TIE``), each normalised per group by
+    the planner's own rule (:func:`planner.coefficients.normalise_checkpoints`, as the swarm's merges are)."""
     best = max(u for _, u in trials)
-    winners = [_group_normalised(v[:n_checkpoints]) + _group_normalised(v[n_checkpoints:])
+    winners = [normalise_checkpoints(v[:n_checkpoints]) + normalise_checkpoints(v[n_checkpoints:])
                for v, u in trials if u >= best - TIE]
     return [float(x) for x in np.mean(np.asarray(winners, dtype=np.float64), axis=0)]
-
-
-def _group_normalised(values: list[float]) -> list[float]:
-    total = float(sum(values))
-    if not values:
-        return []
-    return [float(v) / total if total > 0 else 1.0 / len(values) for v in values]
 
 
 def train_merged(settings: Settings, epochs: int = 200, seed: int = 0, n_prompts: int = 24, budget: int = 8,

@@ -211,8 +211,7 @@ class Builder:
 
         pipe.unet.requires_grad_(False)
         cfg = LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian",
-                         target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                                         "ff.net.2"])
+                         target_modules=experts_mod.LORA_TARGETS)
         pipe.unet.add_adapter(cfg)
         params = [p for p in pipe.unet.parameters() if p.requires_grad]
         steps = spec.steps(b.lora_steps)

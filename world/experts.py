@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from world import grammar
 
+#: The UNet layers the world's PEFT LoRAs train (attention and feed-forward), as community SD1.5 LoRAs do.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
 
 @dataclass(frozen=True)
 class ExpertSpec:

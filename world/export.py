@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from world import paths
-from world.experts import EXPERTS, ExpertSpec
+from world.experts import EXPERTS, LORA_TARGETS, ExpertSpec
 from world.integrity import sha256
-
-_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
 def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,7 +58,7 @@ def _extracted_module(module: str, w: torch.Tensor) -> bool:
     and the down/up-samplers' convolutions. A style lives largely in those: with the linear targets alone the
     extracted outline LoRA kept adherence 0.69 of its fine-tune's 0.96 (rank 16 and 32 alike); with them, 0.94."""
     if w.ndim == 2:
-        return any(module.endswith(t) for t in _LORA_TARGETS) or ("resnets" in module and module.endswith("time_emb_proj"))
+        return any(module.endswith(t) for t in LORA_TARGETS) or ("resnets" in module and module.endswith("time_emb_proj"))
     return w.ndim == 4 and w.shape[-1] == 3 and ("resnets" in module or "samplers" in module)
 
 
@@ -112,7 +110,7 @@ def write_lora(peft_state: dict[str, torch.Tensor], spec: ExpertSpec, path: Path
     from peft import LoraConfig
     from safetensors import safe_open
 
-    cfg = LoraConfig(r=spec.rank, lora_alpha=alpha, target_modules=_LORA_TARGETS).to_dict()
+    cfg = LoraConfig(r=spec.rank, lora_alpha=alpha, target_modules=LORA_TARGETS).to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT keeps a set: its order varies run to run
     tmp = path.parent / f".{spec.name}.tmp"
     StableDiffusionPipeline.save_lora_weights(
