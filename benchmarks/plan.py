@@ -326,11 +326,12 @@ def vgae_inference(settings: Settings, embedder, runs: int) -> dict:
     sub = Subgraph(nodes, edges, emb / np.linalg.norm(emb, axis=1, keepdims=True))
     q = embedder.encode(["a castle on a hill"])[0]
     ids = [f"e{i}" for i in range(10)]
-    predict_beta(ckpt.model, sub, "q", q, ids)
+    features = {e: [0.5] * ckpt.config.pair_dim for e in ids} if ckpt.config.pair_dim else None
+    predict_beta(ckpt.model, sub, "q", q, ids, features)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        predict_beta(ckpt.model, sub, "q", q, ids)
+        predict_beta(ckpt.model, sub, "q", q, ids, features)
         times.append(time.perf_counter() - t)
     return {
         "vgae_50_nodes_p50_ms": round(pct(times, 50), 2),

@@ -144,9 +144,7 @@ class ExpertSelectionAgent:
             return finish([], forced)
 
         with _timed(timings, "coefficients"):
-            planned_ck, planned_lo, used["method"] = self._assign(
-                selection, method, prompt, query.prompt_vec, notes, timings
-            )
+            planned_ck, planned_lo, used["method"] = self._assign(selection, method, prompt, query, notes, timings)
         return finish(planned_ck, with_forced(planned_lo, forced, s.k_lora, self.store.search_corpus()))
 
     def _prompt_tags(self, prompt: str, family: str, notes: list[str]) -> list[PlannedExpert]:
@@ -197,15 +195,16 @@ class ExpertSelectionAgent:
         sel: Selection,
         method: str,
         prompt: str,
-        prompt_vec: np.ndarray,
+        query: Query,
         notes: list[str],
         timings: dict[str, float],
     ) -> tuple[list[PlannedExpert], list[PlannedExpert], str]:
         """Planned checkpoints and LoRAs, and the method that actually produced the coefficients."""
         lmax = self.settings.lora_max_weight
+        prompt_vec = query.prompt_vec
         betas = None
         if method == "vgae":
-            betas = self._vgae_betas(sel, prompt, prompt_vec, notes, timings)
+            betas = self._vgae_betas(sel, prompt, query, notes, timings)
         if betas is not None:
             ck_values = [betas[c.candidate.expert.id].mean for c in sel.checkpoints]
             # LoRA Beta means sum to 1 like fixed's 1/n and similarity's softmax (comparable strengths)
@@ -222,8 +221,9 @@ class ExpertSelectionAgent:
         )
 
     def _vgae_betas(
-        self, sel: Selection, prompt: str, prompt_vec: np.ndarray, notes: list[str], timings: dict[str, float]
+        self, sel: Selection, prompt: str, query: Query, notes: list[str], timings: dict[str, float]
     ) -> dict[str, BetaEstimate] | None:
+        prompt_vec = query.prompt_vec
         ckpt = self._vgae()
         if ckpt is None:
             notes.append(SIMILARITY_FALLBACK_NOTE)
@@ -238,7 +238,9 @@ class ExpertSelectionAgent:
         with _timed(timings, "subgraph"):
             sub = self.store.activate_subgraph(ids)
         with _timed(timings, "vgae"):
-            betas = predict_beta(ckpt.model, sub, prompt, prompt_vec, ids)
+            chosen = [c.candidate.expert for c in (*sel.checkpoints, *sel.loras)]
+            features = {e.id: query.pair_features(e) for e in chosen} if ckpt.config.pair_dim else None
+            betas = predict_beta(ckpt.model, sub, prompt, prompt_vec, ids, features)
         if len(betas) != len(ids):
             notes.append("fallback: VGAE could not score every expert: falling back to the similarity rule")
             return None

@@ -103,19 +103,29 @@ def cosine_to_prompt(choices: Sequence[Choice], prompt_vec: np.ndarray) -> list[
 
 @torch.no_grad()
 def predict_beta(
-    model: BetaVGAE, sub: Subgraph, prompt: str, prompt_vec: np.ndarray, expert_ids: Sequence[str]
+    model: BetaVGAE,
+    sub: Subgraph,
+    prompt: str,
+    prompt_vec: np.ndarray,
+    expert_ids: Sequence[str],
+    features: dict[str, Sequence[float]] | None = None,
 ) -> dict[str, BetaEstimate]:
-    """Beta parameters of each expert in ``expert_ids`` for the user prompt, on the activated subgraph."""
+    """Beta parameters of each expert in ``expert_ids`` for the user prompt, on the activated subgraph.
+
+    ``features`` maps an expert id to its pair evidence with the prompt (``Query.pair_features``); a model
+    whose decoder reads it scores only the experts that have it."""
     graph = to_tensors(link_ref_prompts(sub).with_prompt(prompt, prompt_vec, k=REF_KNN))
     index = graph.index
-    ids = [e for e in expert_ids if e in index]
+    needs = model.decoder.pair_dim > 0
+    ids = [e for e in expert_ids if e in index and (not needs or e in (features or {}))]
     if not ids:
         return {}
     model.eval()
     latent = model.encode(graph.x, graph.edge_index, graph.edge_weight)
     p = index[PROMPT_NODE_ID]
     pairs = torch.tensor([[index[e] for e in ids], [p] * len(ids)], dtype=torch.long)
-    params = model.decode(latent.mu, pairs)
+    f = torch.tensor([list(features[e]) for e in ids], dtype=torch.float32) if needs and features else None
+    params = model.decode(latent.mu, pairs, f)
     return {
         e: BetaEstimate(float(a), float(b)) for e, a, b in zip(ids, params.alpha, params.beta, strict=True)
     }

@@ -51,6 +51,11 @@ class GraphTensors:
     node_ids: list[str]
     cap_pairs: Tensor  # (2, m): expert node -> reference-prompt node
     cap_scores: Tensor  # (m,)
+    cap_features: Tensor | None = None  # (m, pair_dim): each target pair's evidence, when the decoder reads it
+
+    def pair_features(self, sel: Tensor) -> Tensor | None:
+        """The evidence of the target pairs selected by ``sel`` (``None`` when the graph carries none)."""
+        return None if self.cap_features is None else self.cap_features[sel]
 
     @property
     def index(self) -> dict[str, int]:

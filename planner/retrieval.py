@@ -50,6 +50,7 @@ AVOID_PENALTY = 0.5
 AVOID_FLOOR = 0.35
 FAMILY_POOL = 20
 DEFAULT_FAMILY = "sd15"
+PAIR_FEATURES = ("prompt_cosine", "term_cosine", "trigger_hit")  # Query.pair_features, for the VGAE decoder
 # Cleaned prompts are embedded up to this many characters (cut at a word): MiniLM's cost grows with tokens
 # and the subject sits at the front of real prompts; the lexical side always sees the whole prompt.
 QUERY_EMBED_CHARS = 200
@@ -149,6 +150,19 @@ class Query:
                 )
             )
         return out
+
+    def pair_features(self, expert: Expert) -> list[float]:
+        """The (expert, prompt) pair's own evidence, in ``PAIR_FEATURES`` order: the cosine of the expert's
+        skill embedding to the prompt, to the prompt's closest requirement term (the prompt again when it
+        has none), and 1.0 when one of the expert's distinctive trained words is in the prompt."""
+        hit = 1.0 if trigger_matches(expert, self.text.lower()) else 0.0
+        if expert.embedding is None or len(expert.embedding) != len(self.prompt_vec):
+            return [0.0, 0.0, hit]
+        v = np.asarray(expert.embedding, dtype=np.float32)
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+        s_prompt = float(self.prompt_vec @ v)
+        s_terms = float((self.term_vecs @ v).max()) if len(self.term_vecs) else s_prompt
+        return [s_prompt, s_terms, hit]
 
     def explain(self, expert: Expert) -> str:
         """Why ``expert`` matches: its best-matching requirement term and any trigger word in the prompt."""

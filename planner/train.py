@@ -14,18 +14,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.embeddings import get_embedder
 from core.settings import Settings
 from core.types import DiffGraphError, utcnow
 from graphdb.backends import store_session
 from graphdb.subgraph import Subgraph
 from planner.graph import GraphTensors, link_ref_prompts, to_tensors
+from planner.parse import parse_offline
+from planner.retrieval import PAIR_FEATURES, Query
 from planner.vgae import BetaVGAE, VGAEConfig
 from planner.vgae_checkpoints import save_checkpoint
 
@@ -108,7 +111,7 @@ def evaluate(model: BetaVGAE, graph: GraphTensors, prompts: torch.Tensor) -> dic
     edge_index, edge_weight = graph.message_edges(mask)
     z = model.encode(graph.x, edge_index, edge_weight).mu
     sel = mask[graph.cap_pairs[1]]
-    params = model.decode(z, graph.cap_pairs[:, sel])
+    params = model.decode(z, graph.cap_pairs[:, sel], graph.pair_features(sel))
     target = graph.cap_scores[sel]
     rhos = []
     for p in prompts.tolist():
@@ -120,6 +123,23 @@ def evaluate(model: BetaVGAE, graph: GraphTensors, prompts: torch.Tensor) -> dic
         "mae": float((params.mean - target).abs().mean()),
         "spearman": float(np.mean(rhos)) if rhos else float("nan"),
     }
+
+
+def with_pair_features(settings: Settings, sub: Subgraph, graph: GraphTensors) -> GraphTensors:
+    """``graph`` with each target pair's evidence (``planner.retrieval.Query.pair_features``), computed for a
+    reference prompt exactly as ESA computes it for a user prompt: offline requirement parse, the configured
+    embedder."""
+    text = {n.id: n.text for n in sub.nodes}
+    expert_nodes = sorted(set(graph.cap_pairs[0].tolist()))
+    prompt_nodes = sorted(set(graph.cap_pairs[1].tolist()))
+    texts = [text.get(graph.node_ids[p], "") or graph.node_ids[p] for p in prompt_nodes]
+    queries = dict(zip(prompt_nodes, Query.build_many(get_embedder(settings), texts,
+                                                      [parse_offline(t) for t in texts]), strict=True))
+    with store_session(settings) as store:
+        experts = {e: store.get_expert(graph.node_ids[e]) for e in expert_nodes}
+    rows = [queries[p].pair_features(experts[e]) for e, p in graph.cap_pairs.t().tolist()]
+    features = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(PAIR_FEATURES))
+    return replace(graph, cap_features=features)
 
 
 SMALL_GRAPH_NODES = 5000  # below this, one intra-op thread is faster (and immune to CPU contention)
@@ -179,7 +199,7 @@ def _fit(
         edge_index, edge_weight = graph.message_edges(mask)
         latent = model.encode(graph.x, edge_index, edge_weight)
         sel = mask[graph.cap_pairs[1]]
-        params = model.decode(latent.z, graph.cap_pairs[:, sel])
+        params = model.decode(latent.z, graph.cap_pairs[:, sel], graph.pair_features(sel))
         nll = model.beta_nll(params, graph.cap_scores[sel])
         loss = nll + KL_WEIGHT * model.kl_loss(latent.mu, latent.logstd) / n_nodes
         opt.zero_grad()
@@ -223,8 +243,8 @@ def train_planner(
     ``PlannerModel`` row. Raises ``DiffGraphError`` when there is nothing calibrated to train on."""
     started = time.perf_counter()
     sub = load_training_graph(settings)
-    graph = to_tensors(sub)
-    config = VGAEConfig(in_dim=int(graph.x.shape[1]))
+    graph = with_pair_features(settings, sub, to_tensors(sub))
+    config = VGAEConfig(in_dim=int(graph.x.shape[1]), pair_dim=len(PAIR_FEATURES))
     model, metrics = fit(graph, config, epochs=epochs, seed=seed, progress=progress)
     n_experts = sum(1 for n in sub.nodes if n.node_type in ("checkpoint", "lora"))
     n_prompts = sum(1 for n in sub.nodes if n.node_type == "refprompt")

@@ -6,13 +6,19 @@ itself plus an edge-weighted mean of its neighbours, so capability scores weight
 ``conv="gcn"`` uses ``GCNConv``. On the planted-structure test graph GCN's symmetric normalisation mixed
 node and neighbourhood too strongly to separate experts with near-identical text, so SAGE is the default.
 
-For an (expert, prompt) pair of node indices the decoder reads ``[z_e, z_p, z_e * z_p]`` and outputs the
-parameters of a Beta distribution over the pair's normalised capability score,
+For an (expert, prompt) pair of node indices the decoder reads ``[z_e, z_p, z_e * z_p, f_ep]`` and outputs
+the parameters of a Beta distribution over the pair's normalised capability score,
 
 .. math::
-    \\alpha, \\beta = \\operatorname{softplus}(\\mathrm{MLP}([z_e, z_p, z_e \\odot z_p])) + \\epsilon,
+    \\alpha, \\beta = \\operatorname{softplus}(\\mathrm{MLP}([z_e, z_p, z_e \\odot z_p, f_{ep}])) + \\epsilon,
     \\qquad \\mathbb{E}[s] = \\frac{\\alpha}{\\alpha + \\beta},\\quad
     \\operatorname{Var}[s] = \\frac{\\alpha\\beta}{(\\alpha+\\beta)^2(\\alpha+\\beta+1)}.
+
+``f_ep`` is the pair's own evidence (``planner.retrieval.PAIR_FEATURES``: the expert's cosine to the prompt
+and to its closest requirement term, and whether its trigger word is in the prompt; ``pair_dim`` values,
+none in checkpoints trained before it existed). The node embeddings alone left the decoder blind to what
+the merged-outcome search's winners have in common: a checkpoint whose trigger word is in the prompt got
+1.37× its uniform share there (others 0.75×).
 
 The Beta mean is the expert's merge coefficient, the standard deviation its uncertainty. Losses are
 separate methods (``beta_nll``, ``kl_loss``); training lives in ``planner.train``. Unlike PyG's ``VGAE``,
@@ -43,13 +49,15 @@ class VGAEConfig:
     latent: int = 32
     decoder_hidden: int = 64
     conv: str = "sage"  # sage | gcn
+    pair_dim: int = 0  # per-pair evidence features the decoder reads (0: node embeddings only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VGAEConfig:
-        sizes = {k: int(data[k]) for k in ("in_dim", "hidden", "latent", "decoder_hidden") if k in data}
+        keys = ("in_dim", "hidden", "latent", "decoder_hidden", "pair_dim")
+        sizes = {k: int(data[k]) for k in keys if k in data}
         return cls(**sizes, conv=str(data.get("conv", "sage")))
 
 
@@ -102,16 +110,24 @@ class GraphEncoder(nn.Module):
 
 
 class BetaDecoder(nn.Module):
-    """MLP over ``[z_e, z_p, z_e * z_p]`` giving Beta parameters for each (expert, prompt) pair."""
+    """MLP over ``[z_e, z_p, z_e * z_p, f_ep]`` giving Beta parameters for each (expert, prompt) pair."""
 
-    def __init__(self, latent: int, hidden: int) -> None:
+    def __init__(self, latent: int, hidden: int, pair_dim: int = 0) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(3 * latent, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.pair_dim = pair_dim
+        self.mlp = nn.Sequential(nn.Linear(3 * latent + pair_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
-    def forward(self, z: Tensor, pairs: Tensor) -> BetaParams:
-        """``pairs`` is a ``(2, m)`` long tensor of (expert node, prompt node) indices."""
+    def forward(self, z: Tensor, pairs: Tensor, features: Tensor | None = None) -> BetaParams:
+        """``pairs`` is a ``(2, m)`` long tensor of (expert node, prompt node) indices, ``features`` the
+        ``(m, pair_dim)`` pair evidence (required when ``pair_dim`` > 0, ignored otherwise)."""
         z_e, z_p = z[pairs[0]], z[pairs[1]]
-        out = F.softplus(self.mlp(torch.cat([z_e, z_p, z_e * z_p], dim=-1))) + EPS
+        parts = [z_e, z_p, z_e * z_p]
+        if self.pair_dim:
+            if features is None or tuple(features.shape) != (pairs.shape[1], self.pair_dim):
+                got = None if features is None else tuple(features.shape)
+                raise ValueError(f"the decoder needs ({pairs.shape[1]}, {self.pair_dim}) pair features, got {got}")
+            parts.append(features.to(z.dtype))
+        out = F.softplus(self.mlp(torch.cat(parts, dim=-1))) + EPS
         return BetaParams(out[:, 0], out[:, 1])
 
 
@@ -125,7 +141,7 @@ class BetaVGAE(VGAE):
     def from_config(cls, config: VGAEConfig) -> BetaVGAE:
         return cls(
             GraphEncoder(config.in_dim, config.hidden, config.latent, config.conv),
-            BetaDecoder(config.latent, config.decoder_hidden),
+            BetaDecoder(config.latent, config.decoder_hidden, config.pair_dim),
         )
 
     def encode(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Latent:  # type: ignore[override]
@@ -133,13 +149,18 @@ class BetaVGAE(VGAE):
         logstd = logstd.clamp(max=MAX_LOGSTD)
         return Latent(self.reparametrize(mu, logstd), mu, logstd)
 
-    def decode(self, z: Tensor, pairs: Tensor) -> BetaParams:  # type: ignore[override]
-        return self.decoder(z, pairs)
+    def decode(self, z: Tensor, pairs: Tensor, features: Tensor | None = None) -> BetaParams:  # type: ignore[override]
+        return self.decoder(z, pairs, features)
 
     def forward(
-        self, x: Tensor, edge_index: Tensor, pairs: Tensor, edge_weight: Tensor | None = None
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        pairs: Tensor,
+        edge_weight: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> BetaParams:  # type: ignore[override]
-        return self.decode(self.encode(x, edge_index, edge_weight).z, pairs)
+        return self.decode(self.encode(x, edge_index, edge_weight).z, pairs, features)
 
     @staticmethod
     def beta_nll(params: BetaParams, target: Tensor) -> Tensor:

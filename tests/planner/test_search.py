@@ -106,3 +106,24 @@ def test_lora_tags_select_known_experts_in_esa(settings, graph) -> None:
     assert "civitai:302" not in by_id  # one version per model
     assert len(plan.loras) <= max(settings.k_lora, 2)
     assert any("nosuch" in n and "ignored" in n for n in plan.notes)
+
+
+def test_pair_evidence_is_the_cosines_and_the_trigger_hit(embedder) -> None:
+    """What the VGAE decoder reads per (expert, prompt): computed by ESA's own Query for any prompt."""
+    import numpy as np
+
+    from planner.parse import parse_offline
+    from planner.retrieval import Query
+
+    skill = embedder.encode(["neon pink glowing colours"])[0] * 3.0  # not unit length: the cosine normalises
+    neon = Expert(id="local:neon", source="local", name="Neon", kind=ExpertKind.lora, base_family="sd15",
+                  skill="neon", embedding=[float(x) for x in skill], trained_words=["neonpink style", "style"])
+    for text, hit in (("a heart in neonpink style on stripes", 1.0), ("a pink heart, flat style", 0.0)):
+        query = Query.build(embedder, text, parse_offline(text))
+        cos_prompt, cos_term, got = query.pair_features(neon)
+        unit = skill / np.linalg.norm(skill)
+        assert got == hit  # "style" alone is too generic a trained word to count (graphdb.search)
+        assert cos_prompt == pytest.approx(float(query.prompt_vec @ unit), abs=1e-5)
+        assert cos_term == pytest.approx(float((query.term_vecs @ unit).max()), abs=1e-5)
+    no_embedding = neon.model_copy(update={"embedding": None})
+    assert Query.build(embedder, "x neonpink style", parse_offline("x")).pair_features(no_embedding) == [0.0, 0.0, 1.0]

@@ -11,8 +11,10 @@ import torch
 
 from graphdb.store import store_session
 from planner.coefficients import predict_beta
-from planner.graph import link_ref_prompts, to_tensors
-from planner.train import fit, load_training_graph, spearman, train_planner
+from planner.graph import GraphTensors, link_ref_prompts, to_tensors
+from planner.parse import parse_offline
+from planner.retrieval import PAIR_FEATURES, Query
+from planner.train import fit, load_training_graph, spearman, train_planner, with_pair_features
 from planner.vgae import EPS, BetaDecoder, BetaParams, BetaVGAE, VGAEConfig
 from planner.vgae_checkpoints import latest_checkpoint, load_checkpoint
 from tests.planner.graphs import build_planted_graph, planted_truth
@@ -92,10 +94,13 @@ def test_vgae_learns_planted_structure(settings, embedder, planted) -> None:
     ids = [e.id for e in planted["experts"]]
     with store_session(settings) as store:
         sub = store.activate_subgraph(ids)
+    assert ckpt.config.pair_dim == len(PAIR_FEATURES)
     rhos = []
     for ci, category in enumerate(planted["categories"]):
         for text in planted["held_out"][category]:
-            betas = predict_beta(ckpt.model, sub, text, embedder.encode([text])[0], ids)
+            query = Query.build(embedder, text, parse_offline(text))
+            features = {e.id: query.pair_features(e) for e in planted["experts"]}
+            betas = predict_beta(ckpt.model, sub, text, query.prompt_vec, ids, features)
             predicted = [betas[i].mean for i in ids]
             truth = [planted_truth(k, ci) for k in range(len(ids))]
             rhos.append(spearman(predicted, truth))
@@ -121,10 +126,11 @@ def test_training_is_seeded_and_the_checkpoint_round_trips(settings, embedder, p
     assert blob["metrics"]["data_fingerprint"] == result.metrics["data_fingerprint"]
     loaded = load_checkpoint(result.path)
     sub = link_ref_prompts(load_training_graph(settings))
-    g = to_tensors(sub)
+    g = with_pair_features(settings, sub, to_tensors(sub))
+    assert loaded.config.pair_dim == len(PAIR_FEATURES) and g.cap_features.shape == (288, len(PAIR_FEATURES))
     with torch.no_grad():
         z = loaded.model.encode(g.x, g.edge_index, g.edge_weight).mu
-        assert torch.isfinite(loaded.model.decode(z, g.cap_pairs).mean).all()
+        assert torch.isfinite(loaded.model.decode(z, g.cap_pairs, g.cap_features).mean).all()
 
 
 def test_training_without_calibration_is_a_clear_error(settings, embedder) -> None:
@@ -144,3 +150,54 @@ def test_gcn_encoder_variant_and_config_round_trip() -> None:
     assert params.alpha.shape == (2,) and bool((params.mean > 0).all() and (params.mean < 1).all())
     with pytest.raises(ValueError, match="unknown encoder convolution"):
         BetaVGAE.from_config(VGAEConfig(in_dim=6, conv="gat"))
+
+
+def test_decoder_reads_the_pair_evidence_it_was_built_for() -> None:
+    decoder = BetaDecoder(2, 4, pair_dim=3)
+    z, pairs = torch.randn(4, 2), torch.tensor([[0, 1], [3, 3]])
+    a = decoder(z, pairs, torch.tensor([[0.1, 0.2, 0.0], [0.1, 0.2, 0.0]]))
+    b = decoder(z, pairs, torch.tensor([[0.1, 0.2, 1.0], [0.1, 0.2, 1.0]]))
+    assert not torch.allclose(a.alpha, b.alpha)
+    with pytest.raises(ValueError, match="pair features"):
+        decoder(z, pairs)
+    with pytest.raises(ValueError, match="pair features"):
+        decoder(z, pairs, torch.zeros(2, 2))
+
+
+def test_checkpoints_from_before_pair_evidence_still_load() -> None:
+    config = VGAEConfig.from_dict({"in_dim": 6, "hidden": 8, "latent": 4, "decoder_hidden": 8, "conv": "sage"})
+    assert config.pair_dim == 0
+    model = BetaVGAE.from_config(config).eval()
+    z = model.encode(torch.randn(3, 6), torch.tensor([[0, 1], [1, 2]])).mu
+    assert model.decode(z, torch.tensor([[0], [2]])).alpha.shape == (1,)
+
+
+def test_the_decoder_learns_what_the_pair_evidence_says() -> None:
+    """Targets depend only on a pair's trigger-hit feature (node features and edges are noise): a fitted
+    model must rank a hit above a miss for prompts it never trained on. Fails if the evidence is ignored."""
+    gen = torch.Generator().manual_seed(0)
+    n_experts, n_prompts = 6, 40
+    n = n_experts + n_prompts
+    pairs = torch.tensor([[e, n_experts + p] for p in range(n_prompts) for e in range(n_experts)]).t()
+    hit = (torch.rand(pairs.shape[1], generator=gen) < 0.4).float()
+    cosines = torch.rand(pairs.shape[1], 2, generator=gen)
+    graph = GraphTensors(
+        x=torch.randn(n, 8, generator=gen),
+        edge_index=torch.cat([pairs, pairs.flip(0)], dim=1),
+        edge_weight=torch.rand(2 * pairs.shape[1], generator=gen),
+        edge_type=torch.zeros(2 * pairs.shape[1], dtype=torch.long),
+        node_ids=[f"n{i}" for i in range(n)],
+        cap_pairs=pairs,
+        cap_scores=0.25 + 0.5 * hit,
+        cap_features=torch.cat([cosines, hit[:, None]], dim=1),
+    )
+    model, metrics = fit(graph, VGAEConfig(in_dim=8, pair_dim=3), epochs=150, seed=0)
+    assert metrics["n_val_prompts"] == 8
+    with torch.no_grad():
+        z = model.encode(graph.x, graph.edge_index, graph.edge_weight).mu
+        new = torch.tensor([[e for e in range(n_experts)], [n - 1] * n_experts])
+        f = torch.full((n_experts, 3), 0.5)
+        miss = model.decode(z, new, f.index_put((torch.arange(n_experts), torch.tensor(2)), torch.tensor(0.0)))
+        hits = model.decode(z, new, f.index_put((torch.arange(n_experts), torch.tensor(2)), torch.tensor(1.0)))
+    assert bool((hits.mean > miss.mean + 0.2).all()), (hits.mean, miss.mean)
+    assert metrics["val_mae"] < 0.15
