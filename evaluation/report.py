@@ -81,6 +81,12 @@ def paired_differences(run: EvalRun) -> list[dict[str, Any]]:
     return out
 
 
+def settings_line(run: EvalRun) -> str:
+    """Seeds, steps and size as run (size 0 is each base's native resolution, not zero pixels)."""
+    size = f"{run.config.size} px" if run.config.size else "the base's native size"
+    return f"{run.config.seeds} seed(s), {run.config.steps} steps, {size}"
+
+
 def _cell(mean: float | None, ci: list[float] | None) -> str:
     if mean is None or ci is None:
         return "n/a"
@@ -91,7 +97,7 @@ def print_table(run: EvalRun, console: Any) -> None:
     from rich.table import Table
 
     doc = table(run)
-    t = Table(title=f"diffgraph eval — {run.config.seeds} seed(s), {run.config.steps} steps, {run.config.size}px")
+    t = Table(title=f"diffgraph eval — {settings_line(run)}")
     t.add_column("method")
     cols = [(ps.name, m) for ps in run.sets for m in run.config.metrics]
     for set_name, metric in cols:
@@ -139,7 +145,7 @@ def write_html(run: EvalRun, out: Path) -> Path:
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
         ".grid{display:flex;flex-wrap:wrap;gap:6px}.grid figure{margin:0;width:140px;font-size:11px}"
         ".grid img{width:128px;height:128px;image-rendering:pixelated}</style>",
-        f"<h1>diffgraph eval</h1><p>{run.config.seeds} seed(s), {run.config.steps} steps, {run.config.size}px</p>",
+        f"<h1>diffgraph eval</h1><p>{html.escape(settings_line(run))}</p>",
         f"<table><tr><th>method</th>{head}</tr>{body}</table>",
         "<ul>" + "".join(f"<li>{e(ps.name)}: {len(ps.prompts)} prompts, {ps.dropped} calibration prompts dropped "
                          f"({e(ps.source)})</li>" for ps in run.sets)

@@ -45,6 +45,7 @@ def test_eval_table_json_html_and_resume(eval_settings, prompt_file: Path, tmp_p
     # every method sees the same prompt and seed; direct differs from the merges
     page = (out / "index.html").read_text()
     assert all(f"id='{m}'" in page for m in methods.split(","))
+    assert "2 seed(s), 2 steps, 32 px" in page
     # vgae's paired differences against every other row, per metric scored (ir is unavailable: no pairs)
     diffs = json.loads((out / "summary.json").read_text())["paired_differences"]
     assert sorted((d["ours"], d["other"]) for d in diffs) == [("vgae", m) for m in ("direct", "fixed", "k-lora", "soup")]
@@ -195,3 +196,12 @@ def test_world_sets_and_metrics_go_through_the_world(eval_settings, tmp_path: Pa
             assert r["scores"]["adherence"] == pytest.approx(scorers.adherence([im], [r["prompt"]])[0], abs=1e-6)
             assert r["scores"]["cs"] == pytest.approx(scorers.clip_score([im], [r["prompt"]])[0], abs=1e-6)
     assert {r["prompt"] for r in recs} == {"a green triangle", "a blue circle above a red square"}
+
+
+def test_report_header_names_native_size_instead_of_zero_pixels() -> None:
+    from types import SimpleNamespace
+
+    from evaluation.report import settings_line
+
+    run = SimpleNamespace(config=SimpleNamespace(seeds=4, steps=20, size=0))
+    assert settings_line(run) == "4 seed(s), 20 steps, the base's native size"
