@@ -193,8 +193,9 @@ class PlannedExpert(BaseModel):
 class MergePlan(BaseModel):
     """Which base, checkpoint experts and LoRA experts to merge, and how.
 
-    Checkpoint coefficients sum to 1 (the base's share is ``1 - sum`` when ``base_weight`` is used by
-    the merge method); LoRA coefficients are strengths in ``[0, lora_max_weight]``.
+    Checkpoint coefficients are in ``[0, 1]``: shares summing to 1 for ``fixed`` and ``similarity``, each
+    expert's own task-vector scale for ``vgae`` (``planner.coefficients``); with ``weighted_average`` the base
+    keeps ``1 - sum`` when the sum is below 1. LoRA coefficients are strengths in ``[0, lora_max_weight]``.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -215,10 +215,16 @@ class ExpertSelectionAgent:
             ck_values = method_values(used, sel.checkpoints, prompt_vec)
             lo_values = method_values(used, sel.loras, prompt_vec)
         return (
-            planned(sel.checkpoints, "checkpoint", ck_values, lmax, betas),
+            # a VGAE trained on merged outcomes predicts each checkpoint's task-vector scale; one trained on solo
+            # capability predicts how good each expert is, which only says how to share (planner.coefficients)
+            planned(sel.checkpoints, "checkpoint", ck_values, lmax, betas, absolute=self._scales(betas)),
             planned(sel.loras, "lora", lo_values, lmax, betas),
             used,
         )
+
+    def _scales(self, betas: dict[str, BetaEstimate] | None) -> bool:
+        ckpt = self._vgae() if betas is not None else None
+        return ckpt is not None and ckpt.target == "merged"
 
     def _vgae_betas(
         self, sel: Selection, prompt: str, query: Query, notes: list[str], timings: dict[str, float]

@@ -8,8 +8,15 @@
 * ``vgae``: the Beta mean predicted by the trained VGAE for (expert, user-prompt node) on the activated
   subgraph; the Beta alpha/beta/mean/std are reported on each planned expert.
 
-Each method yields a value ``v_i`` in ``[0, 1]`` per expert. Checkpoint coefficients are the ``v_i``
-normalised to sum to 1 (uniform if all are 0). LoRA strengths are ``lora_max_weight * v_i`` where the LoRA
+Each method yields a value ``v_i`` in ``[0, 1]`` per expert. Checkpoint coefficients (task-arithmetic
+scales: the merge is ``θ_base + Σ c_i τ_i``) are, for ``fixed`` and ``similarity``, the ``v_i`` normalised to
+sum to 1 (uniform if all are 0), and so for a ``vgae`` trained on solo capability (its Beta means say how
+good each expert is, not how much of it to add); for a ``vgae`` trained on merged outcomes (``planner train
+--target merged``) the Beta means themselves, as the paper reads them: how much of each expert's task vector
+to add, learned from merges that were sampled and scored. Summing to 1 halves each of two experts' task
+vectors — on ``world:compositional-dev`` ``fixed`` at full strength (``c_i`` = 1) scored 0.637 against
+0.601, on ``world:dev`` (one speciality per prompt) 0.626 against 0.637 — so the right scale depends on the
+prompt (and, on real models, on how much the experts' task vectors interfere): the merged search measures it. LoRA strengths are ``lora_max_weight * v_i`` where the LoRA
 values also sum to 1 for every method (``fixed``: 1/n, ``similarity``: a softmax, ``vgae``: the Beta means
 divided by their sum), so strengths are comparable across methods; each strength is then capped at the
 LoRA's recommended weight when its source gives one.
@@ -65,6 +72,14 @@ def normalise_checkpoints(values: Sequence[float]) -> list[float]:
         return []
     total = float(v.sum())
     return [float(x) for x in (v / total if total > 0 else np.full(len(v), 1.0 / len(v)))]
+
+
+def checkpoint_coefficients(values: Sequence[float], absolute: bool = False) -> list[float]:
+    """The checkpoints' task-arithmetic scales: ``values`` clipped into ``[0, 1]`` when ``absolute`` (``vgae``),
+    else normalised to sum 1."""
+    if absolute:
+        return [float(min(max(v, 0.0), 1.0)) for v in values]
+    return normalise_checkpoints(values)
 
 
 def scale_loras(
@@ -137,10 +152,12 @@ def planned(
     values: Sequence[float],
     lora_max_weight: float,
     betas: dict[str, BetaEstimate] | None = None,
+    absolute: bool = False,
 ) -> list[PlannedExpert]:
-    """``PlannedExpert`` rows for one kind group (``"checkpoint"`` or ``"lora"``) from per-expert values."""
+    """``PlannedExpert`` rows for one kind group (``"checkpoint"`` or ``"lora"``) from per-expert values
+    (checkpoint values taken as absolute scales when ``absolute``: see :func:`checkpoint_coefficients`)."""
     if kind_group == "checkpoint":
-        coeffs = normalise_checkpoints(values)
+        coeffs = checkpoint_coefficients(values, absolute)
     else:
         caps = [ch.candidate.expert.recommended_weight for ch in choices]
         coeffs = scale_loras(values, lora_max_weight, caps)

@@ -6,15 +6,15 @@
 2. the budgeted Model Swarms search (:mod:`planner.swarms`) samples and scores merges of those experts on the
    prompt and keeps the coefficient vectors with the best score (``metric``: the mini world's ``adherence``
    when it is installed, else the ``clip`` scorer);
-3. the coefficient vectors that scored best, each normalised within checkpoints and within LoRAs exactly as
-   the planner normalises Beta means, are averaged, and the average becomes the targets of (expert, reference
-   prompt) pairs. Averaging every vector that tied for the best utility (within ``TIE``), rather than keeping
+3. the coefficient vectors that scored best, each read as the planner reads Beta means (checkpoint values as
+   task-vector scales, LoRA values normalised to shares), are averaged, and the average becomes the targets
+   of (expert, reference prompt) pairs. Averaging every vector that tied for the best utility (within ``TIE``), rather than keeping
    the first one found, matters because the utility is coarse (adherence moves in steps of a quarter per
    image): a single arbitrary winner among ties is noise the VGAE would learn;
-4. each average share becomes a target relative to the uniform share (:func:`relative_targets`): 0.5 means
-   "as uniform" in a group of two checkpoints as in a group of three LoRAs, and an expert alone in its group
-   is no target at all. Raw shares taught the decoder mostly the group's size (a lone LoRA's share is 1
-   whatever the merge), which it cannot see. On ``world:compositional-dev`` relative targets took the VGAE
+4. a LoRA's average share becomes a target relative to the uniform share (:func:`relative_targets`): 0.5
+   means "as uniform" with two LoRAs as with three, and a lone LoRA is no target at all. Raw shares taught
+   the decoder mostly the group's size (a lone LoRA's share is 1 whatever the merge), which it cannot see.
+   On ``world:compositional-dev``, when checkpoint values were shares too, relative targets took the VGAE
    from +0.007 to +0.021 adherence over ``fixed`` (search of 12 merges × 2 seeds per prompt), +0.041 with
    16 merges × 4 seeds.
 
@@ -42,7 +42,7 @@ import torch
 from core.settings import Settings
 from core.types import DiffGraphError, MergePlan, utcnow
 from graphdb.backends import store_session
-from planner.coefficients import normalise_checkpoints
+from planner.coefficients import checkpoint_coefficients, normalise_checkpoints
 from planner.graph import to_tensors
 from planner.retrieval import PAIR_FEATURES
 from planner.swarms import MergeUtility, SwarmConfig, swarm_search
@@ -53,7 +53,8 @@ from planner.vgae_checkpoints import checkpoint_dir, save_checkpoint
 log = logging.getLogger(__name__)
 
 TIE = 1e-6  # utilities this close to the best count as tied winners
-OUTCOME_FORMAT = 2  # part of the cache key: bump when a record's meaning changes (2: tied winners averaged)
+OUTCOME_FORMAT = 3  # part of the cache key: bump when a record's meaning changes (2: tied winners averaged;
+# 3: checkpoint values searched and kept as task-arithmetic scales, not shares)
 
 Progress = Callable[[int, int, float], None]
 
@@ -128,13 +129,14 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
 
             generator = Generator(settings)
         utility = MergeUtility(settings, plan, [text], score, seeds=list(range(seeds)), steps=steps, size=size,
-                               lora_caps=caps, generator=generator)
+                               lora_caps=caps, generator=generator, absolute_checkpoints=True)
         t0 = time.perf_counter()
         result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=budget, seed=n))
         trials = [(list(v), u) for v, u in result.evaluations]
         record = {
             "prompt_id": pid, "prompt": text, "metric": name,
             "experts": [e.expert_id for e in plan.experts], "targets": tied_best(trials, len(plan.checkpoints)),
+            # the search's first point: every value 1 (checkpoints at full scale, LoRAs uniform)
             "best_utility": result.best_utility, "uniform_utility": result.evaluations[0][1],
             "evaluations": len(result.evaluations), "trials": trials,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -155,25 +157,28 @@ def spread(items: list[Any], n: int) -> list[Any]:
 
 
 def tied_best(trials: list[tuple[list[float], float]], n_checkpoints: int) -> list[float]:
-    """The mean of the value vectors whose utility ties the best (within ``TIE``), each normalised per group by
-    the planner's own rule (:func:`planner.coefficients.normalise_checkpoints`, as the swarm's merges are)."""
+    """The mean of the value vectors whose utility ties the best (within ``TIE``), each turned into what the
+    merge used by the planner's own rules (checkpoints: scales, :func:`checkpoint_coefficients`; LoRAs:
+    shares, :func:`normalise_checkpoints`), as the swarm's merges are."""
     best = max(u for _, u in trials)
-    winners = [normalise_checkpoints(v[:n_checkpoints]) + normalise_checkpoints(v[n_checkpoints:])
+    winners = [checkpoint_coefficients(v[:n_checkpoints], absolute=True) + normalise_checkpoints(v[n_checkpoints:])
                for v, u in trials if u >= best - TIE]
     return [float(x) for x in np.mean(np.asarray(winners, dtype=np.float64), axis=0)]
 
 
-def relative_targets(experts: list[str], shares: list[float], kinds: dict[str, str]) -> list[tuple[str, float]]:
-    """``(expert, target)`` for each expert that shares its group (checkpoints, LoRAs) with others: its winning
-    share relative to the uniform one, ``n · share / 2`` clipped to 1, so 0.5 means "as uniform" whatever the
-    group's size (the planner normalises Beta means within the group, so only ratios matter). A lone expert
-    is left out: its share is 1 whatever the merge, and as a target it would only teach the group's size."""
-    size = {kind: sum(1 for e in experts if kinds.get(e) == kind) for kind in set(kinds.values())}
+def relative_targets(experts: list[str], values: list[float], kinds: dict[str, str]) -> list[tuple[str, float]]:
+    """``(expert, target)`` pairs from one search's winning values. A checkpoint's value is its scale, the
+    target as it is. A LoRA's is its share of the LoRA strength, so it becomes a share relative to the uniform
+    one, ``n · share / 2`` clipped to 1: 0.5 means "as uniform" whatever the number of LoRAs (the planner
+    normalises LoRA Beta means, so only ratios matter); a lone LoRA is left out, its share being 1 whatever
+    the merge (as a target it would only teach the group's size, which the decoder cannot see)."""
+    n_loras = sum(1 for e in experts if kinds.get(e) == "lora")
     out = []
-    for eid, share in zip(experts, shares, strict=True):
-        n = size.get(kinds.get(eid, ""), 0)
-        if n >= 2:
-            out.append((eid, min(1.0, n * share / 2.0)))
+    for eid, value in zip(experts, values, strict=True):
+        if kinds.get(eid) == "checkpoint":
+            out.append((eid, value))
+        elif kinds.get(eid) == "lora" and n_loras >= 2:
+            out.append((eid, min(1.0, n_loras * value / 2.0)))
     return out
 
 

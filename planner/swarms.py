@@ -16,7 +16,7 @@ and random vectors. ``budget`` is the number of distinct utility evaluations (ea
 scoring); positions are snapped to a ``GRID`` so a revisited point costs nothing and hits the merge cache.
 
 A vector becomes a merge the way the planner turns values into coefficients
-(:func:`planner.coefficients.normalise_checkpoints` / ``scale_loras``), so coefficients found here are
+(:func:`planner.coefficients.checkpoint_coefficients` / ``scale_loras``), so coefficients found here are
 directly comparable with — and a training target for — the VGAE's Beta means.
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.types import MergePlan, PlannedExpert
-from planner.coefficients import normalise_checkpoints, scale_loras
+from planner.coefficients import checkpoint_coefficients, normalise_checkpoints, scale_loras
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -116,12 +116,14 @@ def swarm_search(dim: int, utility: Callable[[np.ndarray], float], config: Swarm
 
 
 def plan_with_values(plan: MergePlan, values: Sequence[float], lora_max_weight: float,
-                     lora_caps: Sequence[float | None] | None = None) -> MergePlan:
+                     lora_caps: Sequence[float | None] | None = None, absolute_checkpoints: bool = False
+                     ) -> MergePlan:
     """A copy of ``plan`` whose coefficients come from one value per expert (checkpoints first), turned into
-    coefficients exactly as the planner does: checkpoints normalised to sum 1, LoRA values normalised to sum
-    1 then scaled by ``lora_max_weight`` and capped at each LoRA's cap."""
+    coefficients exactly as the planner does: checkpoint values normalised to sum 1 (or, with
+    ``absolute_checkpoints``, taken as task-arithmetic scales, as ``vgae`` takes its Beta means), LoRA values
+    normalised to sum 1 then scaled by ``lora_max_weight`` and capped at each LoRA's cap."""
     n_ck = len(plan.checkpoints)
-    ck = normalise_checkpoints(values[:n_ck])
+    ck = checkpoint_coefficients(values[:n_ck], absolute_checkpoints)
     lo = scale_loras(normalise_checkpoints(values[n_ck:]), lora_max_weight, lora_caps)
 
     def with_coeff(experts: list[PlannedExpert], coeffs: list[float]) -> list[PlannedExpert]:
@@ -152,13 +154,15 @@ class MergeUtility:
     guidance: float | None = None  # None: the family's guidance
     lora_caps: list[float | None] | None = None
     generator: object | None = None
+    absolute_checkpoints: bool = False  # checkpoint values are scales (vgae's reading), not shares
 
     def __call__(self, values: np.ndarray) -> float:
         from merger.generate import Generator
 
         if self.generator is None:
             self.generator = Generator(self.settings)
-        plan = plan_with_values(self.plan, list(values), self.settings.lora_max_weight, self.lora_caps)
+        plan = plan_with_values(self.plan, list(values), self.settings.lora_max_weight, self.lora_caps,
+                                self.absolute_checkpoints)
         texts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
         result = self.generator.generate(plan, texts, steps=self.steps or None,  # type: ignore[attr-defined]

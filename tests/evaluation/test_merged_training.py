@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from deploy.cli import app
@@ -16,7 +17,7 @@ def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Pa
     from calibration.calibrate import calibrate_experts
     from graphdb.store import store_session
     from planner.train import train_planner
-    from planner.vgae_checkpoints import latest_checkpoint
+    from planner.vgae_checkpoints import latest_checkpoint, load_checkpoint
 
     with store_session(eval_settings) as store:
         ids = [e.id for e in store.find_experts()]
@@ -36,6 +37,17 @@ def test_merged_target_training_and_ablation_rows(eval_settings, prompt_file: Pa
     merged = latest_checkpoint(eval_settings, target="merged")
     assert merged is not None and merged.target == "merged"
     assert latest_checkpoint(eval_settings, target="solo").path == solo.path
+    # a merged-outcome VGAE's checkpoint Beta means are the task-vector scales themselves; solo's are shared out
+    from planner.agent import ExpertSelectionAgent
+
+    prompt = outcomes[0]["prompt"]
+    with store_session(eval_settings) as store:
+        by_merged = ExpertSelectionAgent(eval_settings, store, checkpoint=merged).plan(prompt, method="vgae")
+        by_solo = ExpertSelectionAgent(eval_settings, store, checkpoint=load_checkpoint(solo.path)).plan(
+            prompt, method="vgae")
+    assert by_merged.checkpoints and by_solo.checkpoints
+    assert all(e.coefficient == pytest.approx(e.mean, abs=1e-5) for e in by_merged.checkpoints)
+    assert sum(e.coefficient for e in by_solo.checkpoints) == pytest.approx(1.0, abs=1e-5)
 
     # a second training reuses the searched outcomes (no sampling): same targets, same data fingerprint
     again = runner.invoke(app, ["planner", "train", "--target", "merged", "--prompts", "2", "--budget", "3",

@@ -96,7 +96,7 @@ def test_vgae_plan_after_training(settings, embedder) -> None:
     assert {"subgraph", "vgae"} <= set(plan.timings)
     for e in plan.experts:
         assert e.alpha > 0 and e.beta > 0 and 0 < e.mean < 1 and e.std > 0
-    if plan.checkpoints:
+    if plan.checkpoints:  # solo capability says how to share, not how much to add: shares sum to 1
         assert sum(e.coefficient for e in plan.checkpoints) == pytest.approx(1.0, abs=1e-5)
     total = sum(e.mean for e in plan.loras)
     for e in plan.loras:  # normalised like fixed/similarity: strengths sum to lora_max_weight

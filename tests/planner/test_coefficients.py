@@ -61,3 +61,11 @@ def test_lora_strengths_are_capped_at_the_recommended_weight() -> None:
 
     assert scale_loras([0.5, 0.5, 0.2], 1.5, [0.6, None, 0.0]) == pytest.approx([0.6, 0.75, 0.3])
     assert scale_loras([2.0, -1.0], 1.0) == [1.0, 0.0]
+
+
+def test_checkpoint_values_are_shares_or_task_vector_scales() -> None:
+    from planner.coefficients import checkpoint_coefficients
+
+    assert checkpoint_coefficients([0.2, 0.6]) == pytest.approx([0.25, 0.75])  # fixed, similarity: sum to 1
+    assert checkpoint_coefficients([0.2, 0.6], absolute=True) == pytest.approx([0.2, 0.6])  # vgae: scales
+    assert checkpoint_coefficients([-0.1, 1.3], absolute=True) == [0.0, 1.0]
