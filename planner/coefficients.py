@@ -16,10 +16,11 @@ good each expert is, not how much of it to add); for a ``vgae`` trained on merge
 to add, learned from merges that were sampled and scored. Summing to 1 halves each of two experts' task
 vectors — on ``world:compositional-dev`` ``fixed`` at full strength (``c_i`` = 1) scored 0.637 against
 0.601, on ``world:dev`` (one speciality per prompt) 0.626 against 0.637 — so the right scale depends on the
-prompt (and, on real models, on how much the experts' task vectors interfere): the merged search measures it. LoRA strengths are ``lora_max_weight * v_i`` where the LoRA
-values also sum to 1 for every method (``fixed``: 1/n, ``similarity``: a softmax, ``vgae``: the Beta means
-divided by their sum), so strengths are comparable across methods; each strength is then capped at the
-LoRA's recommended weight when its source gives one.
+prompt (and, on real models, on how much the experts' task vectors interfere): the merged search measures it.
+
+LoRA strengths are ``lora_max_weight * v_i`` where the LoRA values sum to 1 for every method (``fixed``:
+1/n, ``similarity``: a softmax, ``vgae``: the Beta means divided by their sum), so strengths are comparable
+across methods; each strength is then capped at the LoRA's recommended weight when its source gives one.
 """
 
 from __future__ import annotations
