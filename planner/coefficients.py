@@ -34,6 +34,7 @@ import torch
 from core.types import ExpertKind, PlannedExpert, ValidationFailed
 from graphdb.subgraph import PROMPT_NODE_ID, Subgraph
 from planner.graph import REF_KNN, link_ref_prompts, to_tensors
+from planner.retrieval import unit_embedding
 from planner.review import Choice
 from planner.vgae import BetaVGAE
 
@@ -108,12 +109,8 @@ def cosine_to_prompt(choices: Sequence[Choice], prompt_vec: np.ndarray) -> list[
     """Cosine of each chosen expert's skill embedding to the prompt (its retrieval score if it has none)."""
     out = []
     for ch in choices:
-        emb = ch.candidate.expert.embedding
-        if emb is None or len(emb) != len(prompt_vec):
-            out.append(float(ch.candidate.score))
-            continue
-        v = np.asarray(emb, dtype=np.float32)
-        out.append(float(v @ prompt_vec / max(float(np.linalg.norm(v)), 1e-12)))
+        v = unit_embedding(ch.candidate.expert, len(prompt_vec))
+        out.append(float(ch.candidate.score) if v is None else float(v @ prompt_vec))
     return out
 
 

@@ -8,9 +8,9 @@
    when it is installed, else the ``clip`` scorer);
 3. the coefficient vectors that scored best, each read as the planner reads Beta means (checkpoint values as
    task-vector scales, LoRA values normalised to shares), are averaged, and the average becomes the targets
-   of (expert, reference prompt) pairs. Averaging every vector that tied for the best utility (within ``TIE``), rather than keeping
-   the first one found, matters because the utility is coarse (adherence moves in steps of a quarter per
-   image): a single arbitrary winner among ties is noise the VGAE would learn;
+   of (expert, reference prompt) pairs. Averaging every vector that tied for the best utility (within
+   ``TIE``), rather than keeping the first one found, matters because the utility is coarse (adherence moves
+   in steps of a quarter per image): a single arbitrary winner among ties is noise the VGAE would learn;
 4. a LoRA's average share becomes a target relative to the uniform share (:func:`relative_targets`): 0.5
    means "as uniform" with two LoRAs as with three, and a lone LoRA is no target at all. Raw shares taught
    the decoder mostly the group's size (a lone LoRA's share is 1 whatever the merge), which it cannot see.
@@ -22,8 +22,9 @@ The VGAE is then fitted as in :func:`planner.train.fit` with those targets in pl
 scores, its decoder reading each pair's evidence (:meth:`planner.retrieval.Query.pair_features`, computed for
 the reference prompt as ESA computes it for a user prompt): calibration CAPABILITY edges stay node/edge
 features, and each epoch's target prompts have their own CAPABILITY edges removed from message passing, so a
-target prompt looks like a new user prompt. Inference is unchanged: one forward pass, no search. Search outcomes are cached under ``<data_dir>/planner/outcomes``
-by prompt, experts, budget, metric and sampling settings, so retraining costs no sampling.
+target prompt looks like a new user prompt. Inference is unchanged: one forward pass, no search. Search
+outcomes are cached under ``<data_dir>/planner/outcomes`` by prompt, experts, budget, metric and sampling
+settings, so retraining costs no sampling.
 """
 
 from __future__ import annotations

@@ -156,10 +156,9 @@ class Query:
         skill embedding to the prompt, to the prompt's closest requirement term (the prompt again when it
         has none), and 1.0 when one of the expert's distinctive trained words is in the prompt."""
         hit = 1.0 if trigger_matches(expert, self.text.lower()) else 0.0
-        if expert.embedding is None or len(expert.embedding) != len(self.prompt_vec):
+        v = unit_embedding(expert, len(self.prompt_vec))
+        if v is None:
             return [0.0, 0.0, hit]
-        v = np.asarray(expert.embedding, dtype=np.float32)
-        v = v / max(float(np.linalg.norm(v)), 1e-12)
         s_prompt = float(self.prompt_vec @ v)
         s_terms = float((self.term_vecs @ v).max()) if len(self.term_vecs) else s_prompt
         return [s_prompt, s_terms, hit]
@@ -167,15 +166,24 @@ class Query:
     def explain(self, expert: Expert) -> str:
         """Why ``expert`` matches: its best-matching requirement term and any trigger word in the prompt."""
         parts = []
-        if self.terms and expert.embedding is not None and len(expert.embedding) == len(self.prompt_vec):
-            v = np.asarray(expert.embedding, dtype=np.float32)
-            sims = self.term_vecs @ (v / max(float(np.linalg.norm(v)), 1e-12))
+        v = unit_embedding(expert, len(self.prompt_vec)) if self.terms else None
+        if v is not None:
+            sims = self.term_vecs @ v
             best = int(np.argmax(sims))
             parts.append(f"closest requirement {self.terms[best]!r} (cosine {float(sims[best]):.2f})")
         hits = trigger_matches(expert, self.text.lower())
         if hits:
             parts.append(f"trigger word {hits[0]!r} in the prompt")
         return "; ".join(parts)
+
+
+def unit_embedding(expert: Expert, dim: int) -> np.ndarray | None:
+    """The expert's skill embedding at unit length, or ``None`` when it has none of ``dim`` dimensions (an
+    expert embedded by another model)."""
+    if expert.embedding is None or len(expert.embedding) != dim:
+        return None
+    v = np.asarray(expert.embedding, dtype=np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
 def candidate_filter(settings: Settings, exclude: Sequence[str] = ()) -> CandidateFilter:
