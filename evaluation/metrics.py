@@ -10,7 +10,9 @@
 | ``adherence`` | the mini world's ``adherence`` (``world:`` sets only) | the world's own definition |
 
 A scorer with no configured weights is reported unavailable with its reason (its cells show ``n/a``); one
-whose weights are configured but do not load is an error before any image is generated.
+whose weights are configured but do not load (a missing or corrupt file, a missing tokenizer, a pickle
+without ``DIFFGRAPH_ALLOW_PICKLE``) is an error before any image is generated: the user asked for that
+metric with those weights, and a column of ``n/a`` after a long run is the wrong place to learn of a typo.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def load_metrics(settings: Settings, names: list[str], world: bool, standard: bo
 
     Raises ``ScorerError`` (one line) when configured weights do not load.
     """
-    from calibration.scorers import LOADERS
+    from calibration.scorers import LOADERS, ScorerError
     from calibration.scorers import Unavailable as ScorerUnavailable
 
     out: dict[tuple[str, bool], MetricScorer | Unavailable] = {}
@@ -87,7 +89,11 @@ def load_metrics(settings: Settings, names: list[str], world: bool, standard: bo
             if name == "adherence":
                 out[(name, kind)] = Unavailable(name, "adherence is defined on the mini world's prompt sets")
                 continue
-            loaded = LOADERS[SCORER_OF[name]](settings)
+            key = SCORER_OF[name]
+            loaded = LOADERS[key](settings)
+            if isinstance(loaded, ScorerUnavailable) and settings.scorer_paths.get(key):
+                raise ScorerError(f"metric {name}: the {key} weights configured in scorer_paths do not load: "
+                                  f"{loaded.reason}")
             if isinstance(loaded, ScorerUnavailable):
                 out[(name, kind)] = Unavailable(name, loaded.reason)
             else:

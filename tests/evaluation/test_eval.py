@@ -131,6 +131,26 @@ def test_scorer_path_that_does_not_load_is_an_error(settings, tmp_path: Path, mo
     assert code == 1 and "cannot load CLIP weights" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("paths", "message"), [
+    ({"imagereward": "{tmp}/nowhere/ImageReward.pt"}, "weights not found at"),
+    ({"imagereward": "{tmp}/ImageReward.pt"}, "is a pickle; set DIFFGRAPH_ALLOW_PICKLE=1"),
+    ({"hpsv2": "{tmp}/HPS_v2_compressed.safetensors"}, "needs a CLIP tokenizer/processor directory"),
+])
+def test_configured_scorer_that_cannot_load_is_an_error_not_an_empty_column(
+        settings, tmp_path: Path, monkeypatch, paths: dict[str, str], message: str) -> None:
+    from core.settings import get_settings
+
+    (tmp_path / "ImageReward.pt").write_bytes(b"not read: refused before loading")
+    (tmp_path / "HPS_v2_compressed.safetensors").write_bytes(b"not read: no processor")
+    monkeypatch.setenv("DIFFGRAPH_SCORER_PATHS", json.dumps({k: v.format(tmp=tmp_path) for k, v in paths.items()}))
+    monkeypatch.setenv("DIFFGRAPH_BASE_MODELS", json.dumps({"sd15": str(tmp_path)}))
+    get_settings.cache_clear()
+    metric = "ir" if "imagereward" in paths else "hps"
+    code, _, stderr = _eval("--prompts", "diffusiondb", "--metrics", metric, "--out", str(tmp_path / "o"))
+    assert code == 1 and message in stderr and f"metric {metric}" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_packaged_sets_drop_calibration_prompts() -> None:
     from calibration.refset import load_reference_set
     from evaluation.prompts import load_prompt_set
