@@ -158,6 +158,8 @@ def train_command(
         "--metric", help="merged: utility (adherence on the mini world, else clip, aesthetic, ...).")] = None,
     seeds: Annotated[int, typer.Option(
         "--seeds", min=1, help="merged: images per scored merge (more seeds, fewer ties between merges).")] = 1,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", min=1, help="merged: searches run at once, in worker processes (one per core).")] = 1,
 ) -> None:
     """Train the VGAE on the calibrated graph and register a new versioned checkpoint."""
     from core.settings import get_settings
@@ -170,7 +172,8 @@ def train_command(
             from planner.outcomes import train_merged
 
             result = train_merged(get_settings(), epochs=epochs, seed=seed, n_prompts=prompts, budget=budget,
-                                  metric=metric, seeds=seeds, say=lambda m: console.print(m, highlight=False))
+                                  metric=metric, seeds=seeds, jobs=jobs,
+                                  say=lambda m: console.print(m, highlight=False))
         else:
             result = train_planner(get_settings(), epochs=epochs, seed=seed)
     if json_out:

@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,8 +104,12 @@ def _plans(settings: Settings, prompts: list[tuple[str, str]]
 
 
 def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str | None, steps: int, size: int,
-                    seeds: int = 1, say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Per reference prompt: the experts ESA picked and the best coefficient values the search found."""
+                    seeds: int = 1, say: Callable[[str], None] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    """Per reference prompt: the experts ESA picked and the best coefficient values the search found.
+
+    Searches not cached yet run ``jobs`` at a time in worker processes (one torch thread each: the world's
+    tiny models leave a second thread idle, a second process is what uses a second core); each search is
+    seeded by its prompt's position, so where it runs does not change what it does."""
     from calibration.refset import load_reference_set
 
     with store_session(settings) as store:
@@ -112,41 +117,103 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
     ordered = [(p.id, p.text) for p in load_reference_set().prompts if p.id in known]
     ordered += [(pid, text) for pid, text in sorted(known.items()) if pid not in {i for i, _ in ordered}]
     chosen = spread(ordered, n_prompts)
-    name, score = utility_scorer(settings, metric)
+    name, _ = utility_scorer(settings, metric)  # an unknown or unavailable metric fails before any search
     cache_dir = checkpoint_dir(settings) / "outcomes"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    generator = None  # one Generator for every search, so its pipeline cache serves them all
+    records: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, Path, str, str, MergePlan, list[float | None]]] = []
     for n, (pid, text, plan, caps) in enumerate(_plans(settings, chosen), 1):
         experts = [(e.expert_id, e.sha256, e.kind.value) for e in plan.experts]
         key = hashlib.sha256(json.dumps([OUTCOME_FORMAT, pid, text, experts, budget, name, steps, size, seeds,
                                          settings.lora_max_weight]).encode()).hexdigest()[:24]
         path = cache_dir / f"{key}.json"
         if path.is_file():
-            outcomes.append(json.loads(path.read_text()))
-            continue
-        if generator is None:
+            records[n] = json.loads(path.read_text())
+        else:
+            todo.append((n, path, pid, text, plan, caps))
+
+    def done(n: int, record: dict[str, Any]) -> None:
+        records[n] = record
+        if say:
+            say(f"{len(records)}/{len(chosen)} {record['prompt_id']}: best {record['best_utility']:.4f} "
+                f"vs uniform {record['uniform_utility']:.4f}")
+
+    search = _Search(settings, metric, budget, steps, size, seeds)
+    if jobs <= 1 or len(todo) <= 1:
+        for n, *task in todo:
+            done(n, search(n, *task))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
+                                    initializer=_worker_init, initargs=(search,)) as pool:
+            running = {pool.submit(_worker_search, n, *task): n for n, *task in todo}
+            try:
+                for fut in cf.as_completed(running):
+                    done(running[fut], fut.result())
+            except BaseException:  # a failed search (or ^C) ends the training now, not after the queued ones
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return [records[n] for n in sorted(records)]
+
+
+class _Search:
+    """One process's searches: its utility scorer and one Generator, whose pipeline cache serves them all."""
+
+    def __init__(self, settings: Settings, metric: str | None, budget: int, steps: int, size: int, seeds: int):
+        self.settings, self.metric, self.budget = settings, metric, budget
+        self.steps, self.size, self.seeds = steps, size, seeds
+        self.name: str | None = None
+        self._score: Callable[[list[Any], list[str]], list[float]] | None = None
+        self._generator: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker builds its own scorer and Generator
+        return {**self.__dict__, "_score": None, "_generator": None}
+
+    def __call__(self, n: int, path: Path, pid: str, text: str, plan: MergePlan, caps: list[float | None]
+                 ) -> dict[str, Any]:
+        if self._generator is None:
             from merger.generate import Generator
 
-            generator = Generator(settings)
-        utility = MergeUtility(settings, plan, [text], score, seeds=list(range(seeds)), steps=steps, size=size,
-                               lora_caps=caps, generator=generator, absolute_checkpoints=True)
+            self.name, self._score = utility_scorer(self.settings, self.metric)
+            self._generator = Generator(self.settings)
+        utility = MergeUtility(self.settings, plan, [text], self._score, seeds=list(range(self.seeds)),
+                               steps=self.steps, size=self.size, lora_caps=caps, generator=self._generator,
+                               absolute_checkpoints=True)
         t0 = time.perf_counter()
-        result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=budget, seed=n))
+        result = swarm_search(len(plan.experts), utility, SwarmConfig(budget=self.budget, seed=n))
         trials = [(list(v), u) for v, u in result.evaluations]
         record = {
-            "prompt_id": pid, "prompt": text, "metric": name,
+            "prompt_id": pid, "prompt": text, "metric": self.name,
             "experts": [e.expert_id for e in plan.experts], "targets": tied_best(trials, len(plan.checkpoints)),
             # the search's first point: every value 1 (checkpoints at full scale, LoRAs uniform)
             "best_utility": result.best_utility, "uniform_utility": result.evaluations[0][1],
             "evaluations": len(result.evaluations), "trials": trials,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        path.write_text(json.dumps(record))
-        outcomes.append(record)
-        if say:
-            say(f"{n}/{len(chosen)} {pid}: best {result.best_utility:.4f} vs uniform {record['uniform_utility']:.4f}")
-    return outcomes
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)  # a killed run leaves whole records only
+        return record
+
+
+_WORKER_SEARCH: _Search | None = None
+
+
+def _worker_init(search: _Search) -> None:
+    global _WORKER_SEARCH
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.set_num_threads(1)
+    diffusers_logging.disable_progress_bar()
+    _WORKER_SEARCH = search
+
+
+def _worker_search(n: int, *task: Any) -> dict[str, Any]:
+    assert _WORKER_SEARCH is not None
+    return _WORKER_SEARCH(n, *task)
 
 
 def spread(items: list[Any], n: int) -> list[Any]:
@@ -185,13 +252,14 @@ def relative_targets(experts: list[str], values: list[float], kinds: dict[str, s
 
 def train_merged(settings: Settings, epochs: int = 200, seed: int = 0, n_prompts: int = 24, budget: int = 8,
                  metric: str | None = None, steps: int | None = None, size: int | None = None, seeds: int = 1,
-                 progress: Progress | None = None, say: Callable[[str], None] | None = None) -> TrainResult:
+                 progress: Progress | None = None, say: Callable[[str], None] | None = None, jobs: int = 1
+                 ) -> TrainResult:
     """Search merged outcomes, fit the VGAE toward them, and save a checkpoint with ``target="merged"``."""
     started = time.perf_counter()
     sub = load_training_graph(settings)
     graph = to_tensors(sub)
     outcomes = search_outcomes(settings, n_prompts, budget, metric, steps or settings.calib_steps,
-                               size or settings.calib_size, seeds=seeds, say=say)
+                               size or settings.calib_size, seeds=seeds, say=say, jobs=jobs)
     index = graph.index
     kinds = {n.id: n.node_type for n in sub.nodes}
     pairs, targets = [], []
