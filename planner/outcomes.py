@@ -117,7 +117,7 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
     ordered = [(p.id, p.text) for p in load_reference_set().prompts if p.id in known]
     ordered += [(pid, text) for pid, text in sorted(known.items()) if pid not in {i for i, _ in ordered}]
     chosen = spread(ordered, n_prompts)
-    name, _ = utility_scorer(settings, metric)  # an unknown or unavailable metric fails before any search
+    name, score = utility_scorer(settings, metric)  # an unknown or unavailable metric fails before any search
     cache_dir = checkpoint_dir(settings) / "outcomes"
     cache_dir.mkdir(parents=True, exist_ok=True)
     records: dict[int, dict[str, Any]] = {}
@@ -138,7 +138,7 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
             say(f"{len(records)}/{len(chosen)} {record['prompt_id']}: best {record['best_utility']:.4f} "
                 f"vs uniform {record['uniform_utility']:.4f}")
 
-    search = _Search(settings, metric, budget, steps, size, seeds)
+    search = _Search(settings, metric, name, score, budget, steps, size, seeds)
     if jobs <= 1 or len(todo) <= 1:
         for n, *task in todo:
             done(n, search(n, *task))
@@ -162,22 +162,23 @@ def search_outcomes(settings: Settings, n_prompts: int, budget: int, metric: str
 class _Search:
     """One process's searches: its utility scorer and one Generator, whose pipeline cache serves them all."""
 
-    def __init__(self, settings: Settings, metric: str | None, budget: int, steps: int, size: int, seeds: int):
-        self.settings, self.metric, self.budget = settings, metric, budget
-        self.steps, self.size, self.seeds = steps, size, seeds
-        self.name: str | None = None
-        self._score: Callable[[list[Any], list[str]], list[float]] | None = None
+    def __init__(self, settings: Settings, metric: str | None, name: str,
+                 score: Callable[[list[Any], list[str]], list[float]] | None, budget: int, steps: int, size: int,
+                 seeds: int):
+        self.settings, self.metric, self.name, self._score = settings, metric, name, score
+        self.budget, self.steps, self.size, self.seeds = budget, steps, size, seeds
         self._generator: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:  # a worker builds its own scorer and Generator
+    def __getstate__(self) -> dict[str, Any]:  # a worker loads its own scorer and builds its own Generator
         return {**self.__dict__, "_score": None, "_generator": None}
 
     def __call__(self, n: int, path: Path, pid: str, text: str, plan: MergePlan, caps: list[float | None]
                  ) -> dict[str, Any]:
+        if self._score is None:
+            self._score = utility_scorer(self.settings, self.metric)[1]
         if self._generator is None:
             from merger.generate import Generator
 
-            self.name, self._score = utility_scorer(self.settings, self.metric)
             self._generator = Generator(self.settings)
         utility = MergeUtility(self.settings, plan, [text], self._score, seeds=list(range(self.seeds)),
                                steps=self.steps, size=self.size, lora_caps=caps, generator=self._generator,
